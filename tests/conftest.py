@@ -1,0 +1,47 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import helpers  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    path = Path(helpers.default_data_dir())
+    if not path.is_absolute():
+        path = ROOT / path
+    return path
+
+
+@pytest.fixture(scope="session")
+def test_split(data_dir):
+    return helpers.load_split(False, "cpu", data_dir)
+
+
+@pytest.fixture(scope="session")
+def train_slice(data_dir):
+    return helpers.load_split(True, "cpu", data_dir, limit=4000)
+
+
+@pytest.fixture(scope="session")
+def trained(train_slice, test_split):
+    """A model trained briefly on a slice, shared by the tests that need one that works."""
+    torch.manual_seed(0)
+    model = helpers.Net()
+    history = helpers.train(model, train_slice, _head(test_split, 1000), epochs=2,
+                            batch_size=64, progress=False, log=None)
+    return model, history
+
+
+def _head(split, count):
+    return helpers.Split(split.images[:count], split.labels[:count], split.numbers[:count])
+
+
+@pytest.fixture
+def head():
+    return _head
