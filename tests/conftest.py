@@ -33,15 +33,7 @@ def trained(train_slice, test_split):
     """A model trained briefly on a slice, shared by the tests that need one that works."""
     torch.manual_seed(0)
     model = helpers.Net()
-    history = helpers.train(model, train_slice, _head(test_split, 1000), epochs=2,
+    history = helpers.train(model, train_slice, test_split.first(1000), epochs=2,
                             batch_size=64, progress=False, log=None)
     return model, history
 
-
-def _head(split, count):
-    return helpers.Split(split.images[:count], split.labels[:count], split.numbers[:count])
-
-
-@pytest.fixture
-def head():
-    return _head
