@@ -586,11 +586,11 @@ def layer_shapes(model: Net, images: torch.Tensor, numbers: torch.Tensor) -> lis
     return rows
 
 
-def _grid(count, columns, size=1.5):
+def _grid(count, columns, size=1.5, title_lines=1):
     import matplotlib.pyplot as plt
     rows = math.ceil(count / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(size * columns, size * 1.2 * rows),
-                                squeeze=False)
+    height = size * (1 + 0.2 * title_lines) * rows + 0.4 * title_lines
+    figure, axes = plt.subplots(rows, columns, figsize=(size * columns, height), squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
     return figure, axes.flat
@@ -687,7 +687,7 @@ def show_mistakes(split: Split, result: Evaluation, count=16, columns=8):
     """Test images where either head is wrong: truth in black, the model's answer in red."""
     wrong = ((result.digit_pred != split.labels.cpu()) | (result.sum_pred != split.sums.cpu()))
     index = wrong.nonzero().flatten()[:count]
-    figure, axes = _grid(len(index), columns, size=1.7)
+    figure, axes = _grid(len(index), columns, size=1.7, title_lines=2)
     for axis, i in zip(axes, index.tolist()):
         number = int(split.numbers[i])
         _show(axis, split.images[i],
