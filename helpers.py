@@ -1,8 +1,8 @@
 """An MNIST digit plus a random number 0..9 in; the digit and their sum out.
 
 Everything reusable for ``Assignment3.ipynb`` lives here, in reading order:
-data, model, training, evaluation, using a trained model, checkpoints, benchmark
-and the command line (``python helpers.py --help``).
+data, model, training, evaluation, using a trained model, checkpoints, pictures,
+benchmark and the command line (``python helpers.py --help``).
 """
 from __future__ import annotations
 
@@ -150,12 +150,13 @@ def draw_training_numbers(labels: torch.Tensor, generator: torch.Generator,
     allowed = torch.sort(holdout.long(), dim=1, stable=True).indices
     counts = (~holdout).sum(dim=1)
     choice = (torch.rand(len(labels), generator=generator) * counts[labels]).long()
-    return allowed[labels, choice]
+    return allowed[labels, torch.minimum(choice, counts[labels] - 1)]  # rand * n may round up to n
 
 
 # ----------------------------------------------------------------------------- model
 
 SUM_HEADS = ("logits", "probs", "number_line")
+
 
 class Net(nn.Module):
     """The reference graph, layer for layer, with an optional BatchNorm after each conv.
@@ -259,6 +260,12 @@ def try_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def sync(device: torch.device):
+    """Waits for queued GPU work, so a timer reads the real time."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def describe_machine(device: torch.device) -> str:
     """One line naming the hardware, for stating where a figure was measured."""
     import platform
@@ -284,6 +291,8 @@ def train(model: Net, train_split: Split, test_split: Split, epochs: int = 3,
     """
     if epochs < 1 or batch_size < 1 or not lr > 0:
         raise ValueError("epochs and batch_size must be at least 1 and lr positive")
+    if test_split.numbers is None:  # found now, not after the first epoch
+        raise ValueError("the test split needs fixed numbers: use load_split(train=False)")
     device = train_split.images.device
     model.to(device, memory_format=torch.channels_last)  # about 1.4x faster convolutions on CPU
     holdout_table = None if holdout is None else pairs_table(holdout)
@@ -311,10 +320,10 @@ def train(model: Net, train_split: Split, test_split: Split, epochs: int = 3,
             optimizer.step()
             schedule.step()
             loss_sum += loss.detach() * len(index)
-            if step % 50 == 49 or step == steps - 1:
-                bar.set_postfix(loss=f"{loss_sum.item() / min(len(train_split), (step + 1) * batch_size):.4f}")
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+            if step % 50 == 49 or step == steps - 1:  # .item() waits for the device: not every step
+                seen = min(len(train_split), (step + 1) * batch_size)
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}")
+        sync(device)
         seconds = time.perf_counter() - started
         result = evaluate(model, test_split)
         history.append({"epoch": epoch, "train_seconds": seconds,
@@ -836,11 +845,6 @@ def benchmark(device, root=None, steps: int = 200, epochs: int = 1, batch_size: 
             "train_seconds": elapsed, "seconds_to_99": reached,
             "reference_recipe_images_per_s": recipe, "reference_recipe_seconds_to_99": recipe_to_99,
             "history": history}
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 # ----------------------------------------------------------------------------- command line

@@ -175,9 +175,11 @@ def test_same_seed_same_metrics(train_slice, test_split):
     assert runs[0] == runs[1]
 
 
-def test_train_rejects_bad_settings(train_slice, test_split):
-    with pytest.raises(ValueError):
+def test_train_rejects_bad_settings_before_training(train_slice, test_split):
+    with pytest.raises(ValueError, match="at least 1"):
         helpers.train(helpers.Net(), train_slice, test_split, epochs=0)
+    with pytest.raises(ValueError, match="fixed numbers"):
+        helpers.train(helpers.Net(), train_slice, train_slice, epochs=1, log=None, progress=False)
 
 
 def test_evaluate_counts_and_average_loss(trained, test_split):
