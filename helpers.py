@@ -308,7 +308,10 @@ def train(model: Net, train_split: Split, test_split: Split, epochs: int = 3,
         order = torch.randperm(len(train_split), generator=generator).to(device)
         numbers = draw_training_numbers(train_split.labels, generator, holdout_table).to(device)
         loss_sum = torch.zeros((), device=device)  # stays on the device: no sync per step
-        bar = tqdm(range(steps), desc=f"Epoch {epoch}/{epochs}", disable=not progress)
+        # Few redraws: in a notebook each one is a message to the front end, and nbval's
+        # kernel client drops messages (and fails the cell) past about a thousand per cell.
+        bar = tqdm(range(steps), desc=f"Epoch {epoch}/{epochs}", disable=not progress,
+                   mininterval=2)
         for step in bar:
             index = order[step * batch_size:(step + 1) * batch_size]
             images, labels, batch_numbers = (train_split.images[index],
