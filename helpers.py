@@ -280,6 +280,16 @@ def loss_fn(digit_log_probs, sum_log_probs, labels, sums, reduction="mean"):
             + F.nll_loss(sum_log_probs, sums, reduction=reduction)) / 2
 
 
+def train_step(model: Net, optimizer, images, labels, numbers) -> torch.Tensor:
+    """One optimizer step on a batch; returns the loss, still on the device."""
+    digit_lp, sum_lp = model(images, numbers)
+    loss = loss_fn(digit_lp, sum_lp, labels, labels + numbers)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
 def train(model: Net, train_split: Split, test_split: Split, epochs: int = 3,
           batch_size: int = 128, lr: float = 0.01, seed: int = 0, holdout=None,
           progress: bool = True, log=print) -> list[dict]:
@@ -314,15 +324,10 @@ def train(model: Net, train_split: Split, test_split: Split, epochs: int = 3,
                    mininterval=2)
         for step in bar:
             index = order[step * batch_size:(step + 1) * batch_size]
-            images, labels, batch_numbers = (train_split.images[index],
-                                             train_split.labels[index], numbers[index])
-            digit_lp, sum_lp = model(images, batch_numbers)
-            loss = loss_fn(digit_lp, sum_lp, labels, labels + batch_numbers)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = train_step(model, optimizer, train_split.images[index],
+                              train_split.labels[index], numbers[index])
             schedule.step()
-            loss_sum += loss.detach() * len(index)
+            loss_sum += loss * len(index)
             if step % 50 == 49 or step == steps - 1:  # .item() waits for the device: not every step
                 seen = min(len(train_split), (step + 1) * batch_size)
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}")
@@ -770,25 +775,18 @@ def benchmark(device, root=None, steps: int = 200, epochs: int = 1, batch_size: 
     (its model without BatchNorm, SGD 0.01 momentum 0.9, batch 32) is timed too, and its time
     to 99 % estimated as `reference_epochs` epochs, the count measured for it (issue 4).
     """
-    def images_per_second(model, optimizer, next_batch, steps):
+    def images_per_second(model, optimizer, next_batch, steps, batch):
         sync(device)
         started = time.perf_counter()
         for _ in range(3):  # warm-up: allocations, kernel selection
             train_step(model, optimizer, *next_batch())
         sync(device)
         warm_up = time.perf_counter() - started
-        started, images = time.perf_counter(), 0
+        started = time.perf_counter()
         for _ in range(steps):
-            images += train_step(model, optimizer, *next_batch())
+            train_step(model, optimizer, *next_batch())
         sync(device)
-        return images / (time.perf_counter() - started), warm_up
-
-    def train_step(model, optimizer, images, labels, numbers):
-        digit_lp, sum_lp = model(images, numbers)
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn(digit_lp, sum_lp, labels, labels + numbers).backward()
-        optimizer.step()
-        return len(labels)
+        return steps * batch / (time.perf_counter() - started), warm_up
 
     loader = reference_loader(load_mnist(True, root), workers=2 if device.type == "cuda" else 0)
     batches = iter(loader)
@@ -815,12 +813,13 @@ def benchmark(device, root=None, steps: int = 200, epochs: int = 1, batch_size: 
         model = Net().to(device, memory_format=torch.channels_last)
         return model, torch.optim.Adam(model.parameters(), lr=lr)
 
-    reference, _ = images_per_second(*ours_model(), next_reference_batch, steps)
-    ours, warm_up = images_per_second(*ours_model(), next_fast_batch, max(1, steps * 32 // batch_size))
+    reference, _ = images_per_second(*ours_model(), next_reference_batch, steps, 32)
+    ours, warm_up = images_per_second(*ours_model(), next_fast_batch,
+                                      max(1, steps * 32 // batch_size), batch_size)
     recipe_model = Net(batch_norm=False, sum_head="logits").to(device)
     recipe, _ = images_per_second(recipe_model, torch.optim.SGD(recipe_model.parameters(), lr=0.01,
                                                                 momentum=0.9),
-                                  next_reference_batch, steps)
+                                  next_reference_batch, steps, 32)
     recipe_to_99 = reference_epochs * len(train_split) / recipe
     log(f"machine: {describe_machine(device)}")
     log(f"reference pipeline (Dataset + DataLoader, batch 32): {reference:8.0f} images/s")
