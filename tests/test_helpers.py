@@ -1,7 +1,9 @@
 """Fast tests: small slices of MNIST on the CPU. The full-accuracy run is the notebook's."""
 import json
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,6 +63,21 @@ def test_holdout_pairs_never_drawn_yet_every_digit_and_number_appears(train_slic
         assert torch.equal(seen, ~table)  # every other pair does occur
 
 
+@pytest.mark.parametrize("count", [10, 30, 50, 70])
+def test_chosen_holdout_pairs_keep_every_digit_and_number(count):
+    pairs = helpers.choose_holdout_pairs(count, seed=3)
+    assert len(set(pairs)) == count
+    table = helpers.pairs_table(pairs)  # itself refuses a table that removes a digit or number
+    assert table.sum() == count and (~table).any(0).all() and (~table).any(1).all()
+    assert pairs == helpers.choose_holdout_pairs(count, seed=3)  # seeded
+    assert pairs != helpers.choose_holdout_pairs(count, seed=4)
+
+
+def test_choose_holdout_pairs_refuses_impossible_counts():
+    with pytest.raises(ValueError, match="0..90"):
+        helpers.choose_holdout_pairs(91)
+
+
 def test_holdout_rejects_pairs_that_remove_a_number():
     with pytest.raises(ValueError, match="remove a digit or a number"):
         helpers.pairs_table([(digit, 4) for digit in range(10)])
@@ -81,8 +98,9 @@ def test_missing_data_offline_names_folder_and_files(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- model
 
-@pytest.mark.parametrize("batch_norm, sum_head", [(True, "logits"), (False, "logits"),
-                                                   (True, "probs"), (True, "number_line")])
+@pytest.mark.parametrize("batch_norm, sum_head", [(True, "adder"), (True, "logits"),
+                                                   (False, "logits"), (True, "probs"),
+                                                   (True, "number_line")])
 def test_net_shapes_and_19_sum_classes(batch_norm, sum_head):
     model = helpers.Net(batch_norm=batch_norm, sum_head=sum_head).eval()
     digits, sums = model(torch.randn(5, 1, 28, 28), torch.tensor([0, 9, 3, 9, 1]))
@@ -92,7 +110,7 @@ def test_net_shapes_and_19_sum_classes(batch_norm, sum_head):
     names = {name for name, _ in model.named_children()}
     assert {"conv1", "conv2", "pool1", "pintconv1", "conv3", "conv4", "pool2", "pintconv2",
             "conv5", "conv6", "conv7"} <= names
-    assert ({"fc1", "fc2"} <= names) == (sum_head != "number_line")
+    assert ({"fc1", "fc2"} <= names) == (sum_head not in helpers.LINE_HEADS)
     has_norm = any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     assert has_norm == batch_norm
 
@@ -102,11 +120,12 @@ def test_unknown_sum_head_is_refused():
         helpers.Net(sum_head="lookup")
 
 
-@pytest.mark.parametrize("sum_head, generalizes", [("logits", False), ("number_line", True)])
+@pytest.mark.parametrize("sum_head, generalizes", [("logits", False), ("probs", False),
+                                                    ("number_line", True), ("adder", True)])
 def test_sum_head_on_held_out_pairs(sum_head, generalizes):
     """The digit given exactly, only the sum head trains, on the 90 seen pairs; then the 10 held out.
 
-    The reference head memorises the pairs; the number-line head adds (the notebook's finding).
+    The fc heads memorise the pairs; the line heads add (the notebook's finding).
     """
     torch.manual_seed(0)
     model = helpers.Net(sum_head=sum_head)
@@ -118,7 +137,7 @@ def test_sum_head_on_held_out_pairs(sum_head, generalizes):
     head = [p for name, p in model.named_parameters() if not name.startswith(("conv", "norm", "pint"))]
     optimizer = torch.optim.Adam(head, lr=0.01)
     for _ in range(1500):
-        loss = torch.nn.functional.nll_loss(model.sum_log_probs(logits[seen], one_hot[seen]), sums[seen])
+        loss = model.loss(logits[seen], numbers[seen], digits[seen])  # its own training loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -139,17 +158,14 @@ def test_one_hot_numbers_give_the_same_output():
         model(images, numbers.float())
 
 
-def test_nine_plus_nine_is_a_class_and_trains():
+@pytest.mark.parametrize("sum_head", ["adder", "logits"])
+def test_nine_plus_nine_is_a_class_and_trains(sum_head):
     torch.manual_seed(0)
-    model = helpers.Net()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model = helpers.Net(sum_head=sum_head)
+    optimizer = torch.optim.Adam(model.parameter_groups(1e-2))
     images, nines = torch.randn(8, 1, 28, 28), torch.full((8,), 9)
     for _ in range(30):
-        digits, sums = model(images, nines)
-        loss = helpers.loss_fn(digits, sums, nines, nines + nines)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        helpers.train_step(model, optimizer, images, nines, nines)
     assert (model.eval()(images, nines)[1].argmax(1) == 18).all()
 
 
@@ -164,15 +180,38 @@ def test_short_training_beats_chance_by_far(trained):
             "consistency"} <= history[0].keys()
 
 
-def test_same_seed_same_metrics(train_slice, test_split):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_same_seed_same_metrics(train_slice, test_split, precision):
     runs = []
     for _ in range(2):
         torch.manual_seed(7)
         model = helpers.Net()
         history = helpers.train(model, train_slice.first(640), test_split.first(300), epochs=1,
-                                batch_size=64, seed=7, progress=False, log=None)
+                                batch_size=64, seed=7, precision=precision, progress=False, log=None)
         runs.append({k: v for k, v in history[0].items() if k != "train_seconds"})
-    assert runs[0] == runs[1]
+        assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay fp32
+    assert runs[0] == runs[1] and runs[0]["precision"] == precision
+
+
+def test_auto_precision_is_bf16_only_on_a_cpu_that_has_it(monkeypatch):
+    cpu = torch.device("cpu")
+    for native, expected in ((False, "fp32"), (True, "bf16")):
+        monkeypatch.setattr(helpers, "has_native_bf16", lambda native=native: native)
+        assert helpers.choose_precision("auto", cpu) == expected
+        assert helpers.choose_precision("auto", torch.device("cuda")) == "fp32"  # not measured
+        assert helpers.choose_precision("fp32", cpu) == "fp32"
+    with pytest.raises(ValueError, match="only supported on the CPU"):
+        helpers.choose_precision("bf16", torch.device("mps"))
+    with pytest.raises(ValueError, match="precision must be one of"):
+        helpers.choose_precision("fp16", cpu)
+
+
+def test_native_bf16_matches_the_cpu_flags():
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo to compare with")
+    flags = set(cpuinfo.read_text().split())
+    assert helpers.has_native_bf16() == bool({"avx512_bf16", "amx_tile"} & flags)
 
 
 def test_train_rejects_bad_settings_before_training(train_slice, test_split):
@@ -185,7 +224,7 @@ def test_train_rejects_bad_settings_before_training(train_slice, test_split):
 def test_evaluate_counts_and_average_loss(trained, test_split):
     model, _ = trained
     split = test_split.first(700)
-    result = helpers.evaluate(model, split, batch_size=128)
+    result = helpers.evaluate(model, split, batch_size=128, precision="fp32")
     assert result.count == 700 and result.digit_confusion.sum() == 700
     assert result.sum_confusion.shape == (19, 19) and result.sum_confusion.sum() == 700
     assert result.digit_confusion.trace() == result.digit_correct
@@ -196,7 +235,7 @@ def test_evaluate_counts_and_average_loss(trained, test_split):
         expected = helpers.loss_fn(digits, sums, split.labels, split.sums).item()
     assert result.loss == pytest.approx(expected, rel=1e-4)  # an average, not a sum
     line = result.test_line()
-    assert line.startswith("Test set: Average loss: ") and f"/700 (" in line
+    assert line.startswith("Test set: Average loss: ") and "/700 (" in line
 
 
 def test_evaluate_all_numbers_matches_pairwise_and_splits_add_up(trained, test_split):
@@ -217,19 +256,99 @@ def test_evaluate_all_numbers_matches_pairwise_and_splits_add_up(trained, test_s
 
 # ----------------------------------------------------------------------------- predict
 
-def test_predict_accepts_every_image_form(trained, test_split, data_dir):
+@pytest.fixture(scope="module")
+def raw_test(data_dir):
+    return helpers.load_mnist(False, data_dir, transform=None).data  # uint8 [10000, 28, 28]
+
+
+def test_predict_accepts_every_image_form(trained, raw_test):
     model, _ = trained
-    raw = helpers.load_mnist(False, data_dir, transform=None).data[:8]  # uint8 [8, 28, 28]
+    raw = raw_test[:8]
     expected = helpers.predict_batch(model, raw, list(range(8)))
     assert expected[0].shape == expected[1].shape == (8,)
     for index in range(3):
         answer = (int(expected[0][index]), int(expected[1][index]))
         image = raw[index]
+        colour = image.numpy()[:, :, None].repeat(3, axis=2)
         for form in (image, image.float() / 255, image[None], image.numpy(),
-                     image.numpy().astype(np.float64) / 255, Image.fromarray(image.numpy())):
+                     image.numpy().astype(np.float64) / 255, Image.fromarray(image.numpy()),
+                     colour, Image.fromarray(colour), image[None].expand(3, 28, 28)):
             assert helpers.predict(model, form, index) == answer
         assert helpers.predict(model, image, np.int64(index)) == answer
         assert helpers.predict(model, image, torch.tensor(index)) == answer
+
+
+def test_prepared_mnist_keeps_its_answers(trained, raw_test, test_split):
+    """MNIST is already in MNIST's form: preparing it again changes next to no answer."""
+    model, _ = trained
+    count = 1000
+    direct = ((raw_test[:count].float() / 255 - helpers.MNIST_MEAN) / helpers.MNIST_STD)[:, None]
+    numbers = test_split.numbers[:count]
+    with torch.no_grad():
+        before = [out.argmax(1) for out in model.eval()(direct, numbers)]
+    after = helpers.predict_batch(model, raw_test[:count], numbers)
+    for old, new in zip(before, after):
+        assert (old == new).float().mean() >= 0.998  # at most 2 of 1,000 differ
+
+
+def as_photo(digit: torch.Tensor, size=(150, 120), at=(10, 30), paper=200, scale=3):
+    """An MNIST digit as dark ink on light paper: enlarged, anywhere in a bigger picture."""
+    big = torch.nn.functional.interpolate(digit[None, None].float(), scale_factor=scale,
+                                          mode="bilinear")[0, 0]
+    page = torch.zeros(size)
+    page[at[0]:at[0] + big.shape[0], at[1]:at[1] + big.shape[1]] = big
+    return (paper - page / 255 * (paper - 20)).round().clamp(0, 255).to(torch.uint8)
+
+
+def test_inverted_enlarged_off_centre_digit_reads_the_same(trained, raw_test):
+    model, _ = trained
+    agree = 0
+    for index in range(20):
+        digit = raw_test[index]
+        centred = helpers.predict(model, digit, 5)
+        for at in ((5, 5), (60, 20)):
+            photo = as_photo(digit, at=at)
+            assert photo[0, 0] == 200 and photo.float().mean() > 150  # dark on light
+            agree += helpers.predict(model, photo, 5) == centred
+    assert agree >= 38  # of 40; enlarging and shrinking back resamples the strokes
+
+
+def test_preparation_inverts_dark_ink_and_centres_it(raw_test):
+    steps = helpers.preparation_steps(as_photo(raw_test[0], at=(60, 0)))
+    assert set(steps) == {"picture", "ink", "cropped", "framed"}
+    framed = steps["framed"]
+    assert framed.shape == (28, 28) and framed[0].max() == 0 and framed.max() > 0.9  # light on black
+    rows, cols = framed.sum(1), framed.sum(0)
+    centre = [float((line * torch.arange(28)).sum() / line.sum()) for line in (rows, cols)]
+    assert all(abs(c - 14) <= 0.5 for c in centre)
+    box = framed.nonzero()
+    assert (box.max(0).values - box.min(0).values + 1).max() == 20  # longer side fits 20 px
+    prepared = helpers.prepare_image(as_photo(raw_test[0]))
+    assert prepared.shape == (1, 28, 28)
+    assert prepared.min() == pytest.approx(-helpers.MNIST_MEAN / helpers.MNIST_STD)
+
+
+@pytest.mark.parametrize("page, message", [
+    (np.full((90, 60), 230, np.uint8), "no ink"),
+    (np.full((28, 28), 0, np.uint8), "no ink"),
+    (np.random.default_rng(0).integers(0, 256, (100, 100)).astype(np.uint8), "no digit"),
+    (np.random.default_rng(1).random((40, 40)), "no digit"),
+], ids=["white page", "black square", "noise", "float noise"])
+def test_no_ink_no_answer(trained, page, message):
+    model, _ = trained
+    with pytest.raises(ValueError, match=message):
+        helpers.predict(model, page, 3)
+
+
+def test_font_digits_read_better_prepared_than_naive(trained):
+    model, _ = trained
+    pictures, labels = helpers.font_digits(60, seed=0)
+    assert len(pictures) == 60 and labels.tolist()[:12] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    assert all(min(p.size) >= 64 and p.mode == "L" for p in pictures)
+    numbers = helpers.draw_numbers(60, seed=1)
+    prepared = helpers.score_pictures(model, pictures, labels, numbers)
+    naive = helpers.score_pictures(model, pictures, labels, numbers, helpers.naive_image)
+    assert prepared > naive + 0.2
 
 
 BAD_INPUTS = [
@@ -240,9 +359,10 @@ BAD_INPUTS = [
     ("number None", lambda img: (img, None), TypeError, "integer"),
     ("number True", lambda img: (img, True), TypeError, "integer"),
     ("float tensor number", lambda img: (img, torch.tensor(3.0)), TypeError, "integer"),
-    ("image 27x28", lambda img: (img[:27], 1), ValueError, "28x28"),
-    ("three channels", lambda img: (img[None].expand(3, 28, 28), 1), ValueError, "1 channel"),
-    ("RGB PIL image", lambda img: (Image.fromarray(img.numpy()).convert("RGB"), 1), ValueError, "mode"),
+    ("five channels", lambda img: (img[None].expand(5, 28, 28), 1), ValueError, "C 1, 3 or 4"),
+    ("a batch, not one image", lambda img: (img[None, None].expand(2, 1, 28, 28), 1), ValueError,
+     "one grayscale or colour picture"),
+    ("empty image", lambda img: (img[:0], 1), ValueError, "empty"),
     ("NaN pixel", lambda img: (torch.full((28, 28), float("nan")), 1), ValueError, "NaN"),
     ("normalized float", lambda img: ((img.float() / 255 - 0.13) / 0.31, 1), ValueError, r"\[0, 1\]"),
     ("integer above 255", lambda img: (img.long() * 2, 1), ValueError, "0..255"),
@@ -253,17 +373,16 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
-def test_predict_rejects_bad_input_clearly(trained, data_dir, case):
+def test_predict_rejects_bad_input_clearly(trained, raw_test, case):
     model, _ = trained
-    image = helpers.load_mnist(False, data_dir, transform=None).data[0]
     _, make, error, message = case
     with pytest.raises(error, match=message):
-        helpers.predict(model, *make(image))
+        helpers.predict(model, *make(raw_test[0]))
 
 
-def test_predict_batch_rejects_empty_and_mismatched(trained):
+def test_predict_batch_rejects_empty_and_mismatched(trained, raw_test):
     model, _ = trained
-    images = torch.zeros(3, 28, 28, dtype=torch.uint8)
+    images = raw_test[:3]
     with pytest.raises(ValueError, match="empty"):
         helpers.predict_batch(model, images[:0], [])
     with pytest.raises(ValueError, match="3 images but 2 numbers"):
@@ -272,7 +391,12 @@ def test_predict_batch_rejects_empty_and_mismatched(trained):
         helpers.predict_batch(model, images, 5)
     with pytest.raises(TypeError, match="integer"):
         helpers.predict_batch(model, images, [1, 2.5, 3])
+    with pytest.raises(ValueError, match="batch of pictures"):
+        helpers.predict_batch(model, images[0], [1])
     digits, sums = helpers.predict_batch(model, images, torch.tensor([1, 2, 3]))
+    assert digits.shape == sums.shape == (3,)
+    mixed = [as_photo(raw_test[0]), raw_test[1].numpy(), Image.fromarray(raw_test[2].numpy())]
+    digits, sums = helpers.predict_batch(model, mixed, [1, 2, 3])  # a list: any sizes
     assert digits.shape == sums.shape == (3,)
 
 
@@ -290,11 +414,14 @@ def test_checkpoint_round_trip(trained, test_split, tmp_path):
             assert torch.allclose(original, reloaded, atol=1e-5)
             assert torch.equal(original.argmax(1), reloaded.argmax(1))
     assert loaded.config() == model.config() and not loaded.training
+    saved = torch.load(path, weights_only=True)["state_dict"]
+    assert all(v.dtype in (torch.float32, torch.int64) for v in saved.values())  # fp32 after bf16
     assert torch.load(path, weights_only=True)["metadata"] == {"note": "test"}
 
 
 @pytest.mark.parametrize("config", [{"batch_norm": False, "sum_head": "logits"},
-                                    {"batch_norm": True, "sum_head": "number_line"}])
+                                    {"batch_norm": True, "sum_head": "number_line"},
+                                    {"batch_norm": True, "sum_head": "probs"}])
 def test_every_variant_round_trips(tmp_path, config):
     path = tmp_path / "variant.pt"
     helpers.save_checkpoint(helpers.Net(**config), path)
@@ -360,3 +487,105 @@ def test_cli_train_evaluate_predict(tmp_path, data_dir):
 
     refused = run_cli("predict", "--model", str(model_path), str(image), "12")
     assert refused.returncode == 2 and "number must be in 0..9, got 12" in refused.stderr
+
+
+@pytest.fixture
+def model_file(trained, tmp_path):
+    path = tmp_path / "model.pt"
+    helpers.save_checkpoint(trained[0], path)
+    return path
+
+
+def test_cli_predicts_a_large_off_centre_dark_on_light_png(trained, model_file, raw_test, tmp_path):
+    photo = as_photo(raw_test[0], size=(600, 450), at=(300, 40), scale=10)  # a 7, bottom left
+    path = tmp_path / "photo.png"
+    Image.fromarray(photo.numpy()).save(path)
+    digit, total = helpers.predict(trained[0], raw_test[0], 7)
+    assert digit == 7
+    answer = run_cli("predict", "--model", str(model_file), str(path), "7")
+    assert answer.returncode == 0, answer.stderr
+    assert answer.stdout.strip() == f"digit {digit}, {digit} + 7 = {total}"
+
+
+CLI_MISTAKES = {  # what a user types -> what the one error line must say
+    "not an image": (["predict", "--model", "{model}", "{notes}", "3"], "cannot read"),
+    "missing image": (["predict", "--model", "{model}", "{tmp}/nope.png", "3"], "no image at"),
+    "a folder as image": (["predict", "--model", "{model}", "{tmp}", "3"], "is a folder"),
+    "blank page": (["predict", "--model", "{model}", "{blank}", "3"], "no ink"),
+    "missing model": (["predict", "--model", "{tmp}/nope.pt", "{blank}", "3"], "no checkpoint"),
+    "not a model": (["evaluate", "--model", "{notes}"], "not a readable checkpoint"),
+    "number 12": (["predict", "--model", "{model}", "{blank}", "12"], "number must be in 0..9"),
+    "number seven": (["predict", "--model", "{model}", "{blank}", "seven"], "invalid int value"),
+    "epochs 0": (["train", "--epochs", "0"], "must be above 0"),
+    "out under a file": (["train", "--out", "{notes}/model.pt"], "cannot write"),
+    "out is a folder": (["train", "--out", "{tmp}"], "is a folder"),
+}
+
+
+@pytest.mark.parametrize("mistake", CLI_MISTAKES, ids=list(CLI_MISTAKES))
+def test_cli_answers_each_mistake_with_one_error_line(mistake, model_file, tmp_path, data_dir):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("shopping: milk, eggs\n")
+    blank = tmp_path / "blank.png"
+    Image.new("L", (300, 200), 240).save(blank)
+    words, message = CLI_MISTAKES[mistake]
+    args = [word.format(model=model_file, notes=notes, tmp=tmp_path, blank=blank) for word in words]
+    if args[0] == "train":
+        args += ["--data", str(data_dir), "--device", "cpu", "--limit", "64"]
+    before = sorted(tmp_path.iterdir())
+    result = run_cli(*args)
+    assert result.returncode == 2, result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr and "error:" in lines[-1] and message in lines[-1]
+    assert result.stdout == "" and sorted(tmp_path.iterdir()) == before  # nothing trained or left
+
+
+def test_cli_ctrl_c_keeps_the_last_finished_epoch(tmp_path, data_dir):
+    out = tmp_path / "model.pt"
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "helpers.py"), "train", "--epochs", "100", "--limit", "256",
+         "--batch-size", "64", "--device", "cpu", "--data", str(data_dir), "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env={**__import__("os").environ, "PYTHONUNBUFFERED": "1"})
+    for line in process.stdout:  # wait for the first epoch's test line
+        if line.startswith("Test set"):
+            break
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted: saved the model of epoch ") and last.endswith(str(out))
+    assert torch.load(out, weights_only=True)["metadata"]["interrupted"] is True
+    helpers.load_checkpoint(out)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary file left
+
+
+def test_ctrl_c_before_the_first_epoch_saves_nothing(tmp_path, monkeypatch, capsys, data_dir):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(helpers, "train", interrupted)
+    code = helpers.main(["train", "--limit", "64", "--device", "cpu", "--data", str(data_dir),
+                         "--out", str(tmp_path / "model.pt")])
+    assert code == 130 and "nothing saved" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_failed_save_after_training_keeps_the_model(tmp_path, monkeypatch, capsys, data_dir):
+    out = tmp_path / "models" / "model.pt"
+    real_save = helpers.save_checkpoint
+
+    def disk_full_at_out(model, path, **metadata):
+        if Path(path) == out:
+            raise OSError(28, "No space left on device")
+        real_save(model, path, **metadata)
+
+    monkeypatch.setattr(helpers, "save_checkpoint", disk_full_at_out)
+    monkeypatch.chdir(tmp_path)
+    code = helpers.main(["train", "--epochs", "1", "--limit", "128", "--batch-size", "64",
+                         "--device", "cpu", "--data", str(data_dir), "--out", str(out), "--json"])
+    errors = capsys.readouterr().err
+    rescued = list(tmp_path.glob("model-rescued-*.pt"))
+    assert code == 1 and "No space left" in errors and len(rescued) == 1
+    assert f"saved the model to '{rescued[0]}' instead" in errors
+    helpers.load_checkpoint(rescued[0])
