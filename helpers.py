@@ -279,7 +279,10 @@ class Net(nn.Module):
         weighted by their probabilities. By Jensen's inequality that bounds the cross-entropy of
         its mixed answer from above, and it sends each example's gradient to the digit the
         network believes, where the mixture's own gradient can blame an unlikely digit and
-        leave rare sums stranded in the wrong place on the line.
+        leave rare sums stranded in the wrong place on the line. The weights are held fixed
+        (detached): the digit reader learns from the digit labels, since a sum label says
+        nothing more about the image, and a half-ordered line pushing it cost digit accuracy
+        (99.25 % against 99.52 % after 3 epochs).
         """
         one_hot, sums = F.one_hot(numbers, NUM_DIGITS).float(), labels + numbers
         digit_lp = F.log_softmax(digit_logits.float(), 1)
@@ -305,7 +308,7 @@ class Net(nn.Module):
         """Optimizer groups: the line's few positions learn LINE_LR_SCALE times faster.
 
         They must travel a long way from their random starts (and the sharpness must grow
-        from 1 to about 100) while the one-cycle schedule is still warming up.
+        from 1 to tens) while the one-cycle schedule is still warming up.
         `sum_head_only` leaves out the convolutional part.
         """
         named = list(self.named_parameters())
@@ -422,7 +425,7 @@ def progress_bar(steps: int, desc: str, disable: bool = False):
     it is rendered again when the bar closes, so it reads finished rather than 0 %.
     """
     from tqdm.notebook import tqdm as notebook_tqdm
-    in_notebook = tqdm is notebook_tqdm and not disable
+    in_notebook = issubclass(tqdm, notebook_tqdm) and not disable
     bar = tqdm(range(steps), desc=desc, disable=disable, mininterval=2,
                **({"display": False} if in_notebook else {}))
     shown = None
@@ -1231,9 +1234,12 @@ def seconds_to_99(history: list[dict]) -> float | None:
     return None
 
 
+SHORT_SCHEDULE_IMAGES = 40_000
+
+
 def benchmark(device, root=None, steps: int = 200, epochs: int = 1, batch_size: int = 128,
               lr: float = 0.01, seed: int = 0, reference_epochs: int = 5, precision: str = "auto",
-              log=print) -> dict:
+              short_images: int | None = SHORT_SCHEDULE_IMAGES, log=print) -> dict:
     """Training speed on one device, measured side by side in one run.
 
     1. Throughput of our Net and Adam fed three ways: the reference's per-sample Dataset and
@@ -1242,7 +1248,9 @@ def benchmark(device, root=None, steps: int = 200, epochs: int = 1, batch_size: 
     2. The reference recipe (no BatchNorm, logits head, SGD 0.01 momentum 0.9, batch 32, fp32):
        its throughput, and so its time to 99 %, taken as `reference_epochs` epochs (the count
        measured for it on a GPU).
-    3. Our default recipe for `epochs` epochs at `precision`, and its time to 99 %.
+    3. Our default recipe for `epochs` epochs at `precision`, and its time to 99 %; then the
+       same on only the first `short_images` training images (None: skip), a shorter schedule
+       that still reached 99 % on both heads with seeds 0, 1 and 2.
     """
     log = log or (lambda line: None)
     mnist, train_split = load_mnist(True, root), load_split(True, device, root)
@@ -1278,20 +1286,25 @@ def benchmark(device, root=None, steps: int = 200, epochs: int = 1, batch_size: 
     log(f"reference recipe (no BatchNorm, SGD, batch 32, fp32): {recipe_rate:.0f} images/s, so "
         f"{reference_epochs} epochs to 99 % take about {recipe_to_99:.0f} s")
 
-    history = train(seeded_net(device, seed), train_split, test_split, epochs=epochs,
-                    batch_size=batch_size, lr=lr, seed=seed, precision=precision, log=None,
-                    progress=False)
-    final, reached = history[-1], seconds_to_99(history)
-    log(f"our recipe ({final['precision']}), {epochs} epoch(s): "
-        f"{sum(r['train_seconds'] for r in history):.1f} s of training; "
-        f"digit {100 * final['digit_acc']:.2f} %, sum {100 * final['sum_acc']:.2f} %")
-    log("our time to >= 99 % on both heads: "
-        + (f"{reached:.1f} s, {recipe_to_99 / reached:.1f}x faster than the reference recipe"
-           if reached else "not reached"))
+    schedules = {"default settings": len(train_split)}
+    if short_images:
+        schedules[f"the first {short_images:,} images only"] = short_images
+    runs = {}
+    for name, count in schedules.items():
+        history = train(seeded_net(device, seed), train_split.first(count), test_split,
+                        epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                        precision=precision, log=None, progress=False)
+        final, reached = history[-1], seconds_to_99(history)
+        log(f"our recipe, {name} ({epochs} epoch(s), {final['precision']}): "
+            f"{sum(r['train_seconds'] for r in history):.1f} s of training; "
+            f"digit {100 * final['digit_acc']:.2f} %, sum {100 * final['sum_acc']:.2f} %")
+        log("  time to >= 99 % on both heads: "
+            + (f"{reached:.1f} s, {recipe_to_99 / reached:.1f}x faster than the reference recipe"
+               if reached else "not reached"))
+        runs[name] = {"images": count, "seconds_to_99": reached, "history": history}
     return {"device": describe_machine(device), "images_per_s": rates, "warm_up_seconds": warm_up,
             "reference_recipe_images_per_s": recipe_rate,
-            "reference_recipe_seconds_to_99": recipe_to_99, "precision": final["precision"],
-            "seconds_to_99": reached, "history": history}
+            "reference_recipe_seconds_to_99": recipe_to_99, "runs": runs}
 
 
 # ----------------------------------------------------------------------------- command line
@@ -1351,6 +1364,8 @@ def main(argv=None):
     bench.add_argument("--steps", type=positive(int), default=200, help="batch-32 steps to time")
     bench.add_argument("--epochs", type=positive(int), default=1)
     bench.add_argument("--batch-size", type=positive(int), default=128)
+    bench.add_argument("--short-images", type=positive(int), default=SHORT_SCHEDULE_IMAGES,
+                       help="also time the schedule on only the first N training images")
     bench.add_argument("--json", action="store_true")
 
     args = parser.parse_args(argv)
@@ -1501,7 +1516,8 @@ def predict_command(args):
 
 def benchmark_command(args):
     result = benchmark(try_device(args.device), args.data, args.steps, args.epochs,
-                       args.batch_size, precision=args.precision, log=None if args.json else print)
+                       args.batch_size, precision=args.precision, short_images=args.short_images,
+                       log=None if args.json else print)
     if args.json:
         print(json.dumps(result))
     return 0
