@@ -415,6 +415,15 @@ def train_step(model: Net, optimizer, images, labels, numbers, precision="fp32")
     return loss.detach()
 
 
+def one_cycle_adam(model: Net, lr: float, total_steps: int, sum_head_only: bool = False):
+    """Adam over `model.parameter_groups`, and a one-cycle schedule peaking at each group's lr."""
+    groups = model.parameter_groups(lr, sum_head_only)
+    optimizer = torch.optim.Adam(groups)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[group["lr"] for group in groups], total_steps=total_steps)
+    return optimizer, schedule
+
+
 @contextmanager
 def progress_bar(steps: int, desc: str, disable: bool = False):
     """A tqdm bar over range(steps) that redraws at most every 2 s.
@@ -464,10 +473,7 @@ def train(model: Net, train_split: Split, test_split: Split, epochs: int = 3,
     holdout_table = None if holdout is None else pairs_table(holdout)
     generator = torch.Generator().manual_seed(seed)
     steps = math.ceil(len(train_split) / batch_size)
-    groups = model.parameter_groups(lr)
-    optimizer = torch.optim.Adam(groups)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in groups],
-                                                   total_steps=epochs * steps)
+    optimizer, schedule = one_cycle_adam(model, lr, epochs * steps)
     history = []
     for epoch in range(1, epochs + 1):
         model.train()
@@ -613,13 +619,10 @@ def train_sum_head(sum_head: str, digit_logits: torch.Tensor, labels: torch.Tens
     """
     torch.manual_seed(seed)
     model = Net(sum_head=sum_head).to(digit_logits.device)
-    groups = model.parameter_groups(lr, sum_head_only=True)
-    optimizer = torch.optim.Adam(groups)
     generator = torch.Generator().manual_seed(seed)
     holdout_table = None if holdout is None else pairs_table(holdout)
     steps = math.ceil(len(labels) / batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in groups],
-                                                   total_steps=epochs * steps)
+    optimizer, schedule = one_cycle_adam(model, lr, epochs * steps, sum_head_only=True)
     model.train()
     for _ in range(epochs):
         order = torch.randperm(len(labels), generator=generator).to(labels.device)
@@ -820,11 +823,13 @@ def _as_number(number) -> int:
 
 
 @torch.no_grad()
-def predict_batch(model: Net, images, numbers) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_batch(model: Net, images, numbers,
+                  prepare=prepare_image) -> tuple[torch.Tensor, torch.Tensor]:
     """Digits and sums [B] for several pictures and their numbers 0..9.
 
     `images`: a list of pictures, each as `prepare_image` takes it, or one array or tensor
     whose first dimension is the batch ([B, H, W], or [B, C, H, W] for a tensor).
+    `prepare` makes each picture a normalized [1, 28, 28] input.
     """
     if isinstance(images, (torch.Tensor, np.ndarray)):
         if images.ndim not in (3, 4):
@@ -843,7 +848,7 @@ def predict_batch(model: Net, images, numbers) -> tuple[torch.Tensor, torch.Tens
     numbers = [_as_number(number) for number in numbers]
     if len(numbers) != len(images):
         raise ValueError(f"got {len(images)} images but {len(numbers)} numbers")
-    batch = torch.stack([prepare_image(image) for image in images])
+    batch = torch.stack([prepare(image) for image in images])
     device = next(model.parameters()).device
     model.eval()
     digit_lp, sum_lp = model(batch.to(device), torch.tensor(numbers, device=device))
@@ -905,14 +910,10 @@ def naive_image(picture) -> torch.Tensor:
     return ((resized[0].clamp(0, 1) - MNIST_MEAN) / MNIST_STD)
 
 
-@torch.no_grad()
 def score_pictures(model: Net, pictures, labels, numbers, prepare=prepare_image) -> float:
     """The share of pictures whose digit and sum are both right, each made ready by `prepare`."""
-    batch = torch.stack([prepare(picture) for picture in pictures])
-    device = next(model.parameters()).device
-    model.eval()
-    digit_lp, sum_lp = model(batch.to(device), torch.as_tensor(numbers, device=device))
-    right = (digit_lp.argmax(1).cpu() == labels) & (sum_lp.argmax(1).cpu() == labels + numbers)
+    digits, sums = predict_batch(model, pictures, numbers, prepare)
+    right = (digits == labels) & (sums == labels + torch.as_tensor(numbers))
     return float(right.float().mean())
 
 
