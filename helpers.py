@@ -955,7 +955,9 @@ def load_checkpoint(path, device="cpu") -> Net:
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
     except Exception as error:  # torch raises many kinds for a damaged file
-        raise CheckpointError(f"'{path}' is not a readable checkpoint: {error}") from None
+        # torch's own message runs to many lines and suggests weights_only=False: unsafe here
+        raise CheckpointError(f"'{path}' is not a readable checkpoint ({type(error).__name__}); "
+                              f"give a file saved by `helpers.py train` or save_checkpoint") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"'{path}' is not a checkpoint of this project "
                               f"(expected format {CHECKPOINT_FORMAT!r})")

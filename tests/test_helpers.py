@@ -448,8 +448,9 @@ def test_interrupted_save_keeps_the_old_checkpoint(trained, tmp_path, monkeypatc
 def test_corrupt_foreign_and_missing_checkpoints(tmp_path):
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"\x00not a checkpoint")
-    with pytest.raises(helpers.CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(helpers.CheckpointError, match="not a readable checkpoint") as error:
         helpers.load_checkpoint(corrupt)
+    assert "\n" not in str(error.value)  # one line, for the command line's one error line
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(3)}, foreign)
     with pytest.raises(helpers.CheckpointError, match="not a checkpoint of this project"):
