@@ -740,8 +740,8 @@ def preparation_steps(image) -> dict[str, torch.Tensor]:
     paper = border.median()
     low, high = torch.quantile(gray.flatten(), torch.tensor([0.005, 0.995]))
     ink = 1 - gray if paper - low > high - paper else gray
-    # 2. Uneven paper: subtract its slowly varying brightness, found by erasing the strokes.
-    border = torch.cat([ink[0], ink[-1], ink[:, 0], ink[:, -1]])
+    # 2. Uneven paper (a spread the same either side up): subtract its slowly varying
+    #    brightness, found by erasing the strokes.
     if torch.quantile(border, 0.9) - torch.quantile(border, 0.1) > 0.05:
         window = max(3, min(ink.shape) // 4) | 1
         ink = (ink - _paper_brightness(ink, window)).clamp(min=0)
@@ -805,8 +805,12 @@ def prepare_image(image) -> torch.Tensor:
 
     An MNIST image is already in this form and comes back nearly unchanged.
     """
-    framed = preparation_steps(image)["framed"]
-    return ((framed - MNIST_MEAN) / MNIST_STD)[None]
+    return normalize(preparation_steps(image)["framed"])
+
+
+def normalize(intensities: torch.Tensor) -> torch.Tensor:
+    """A [28, 28] picture of intensities in [0, 1] as the network's input [1, 28, 28]."""
+    return ((intensities - MNIST_MEAN) / MNIST_STD)[None]
 
 
 def _as_number(number) -> int:
@@ -857,9 +861,7 @@ def predict_batch(model: Net, images, numbers,
 
 def predict(model: Net, image, number) -> tuple[int, int]:
     """(digit, sum) for one picture of a digit (see `prepare_image`) and a number 0..9."""
-    if not (isinstance(image, (torch.Tensor, np.ndarray)) or hasattr(image, "getbands")):
-        raise TypeError(f"image must be a tensor, NumPy array or PIL image, got {type(image).__name__}")
-    digits, sums = predict_batch(model, [image], [_as_number(number)])
+    digits, sums = predict_batch(model, [image], [number])
     return int(digits[0]), int(sums[0])
 
 
@@ -907,7 +909,7 @@ def naive_image(picture) -> torch.Tensor:
     """The naive way to feed a picture: inverted to light-on-dark and squashed to 28 x 28."""
     gray = 1 - _intensities(picture)
     resized = F.interpolate(gray[None, None], size=(FRAME, FRAME), mode="bilinear", antialias=True)
-    return ((resized[0].clamp(0, 1) - MNIST_MEAN) / MNIST_STD)
+    return normalize(resized[0, 0].clamp(0, 1))
 
 
 def score_pictures(model: Net, pictures, labels, numbers, prepare=prepare_image) -> float:
@@ -1167,7 +1169,8 @@ def plot_holdout_sweep(results: dict[str, dict[int, float]]):
 def show_preparation(model: Net, picture, number: int):
     """`prepare_image`'s steps on one picture, and the model's answer; returns (digit, sum)."""
     steps = preparation_steps(picture)
-    digit, total = predict(model, picture, number)
+    digits, sums = predict_batch(model, [steps["framed"]], [number], prepare=normalize)
+    digit, total = int(digits[0]), int(sums[0])
     titles = {"picture": f"picture, {tuple(steps['picture'].shape)} px",
               "ink": "ink found (inverted)", "cropped": "cropped to the ink",
               "framed": f"framed 28 x 28: {digit} + {number} = {total}"}
