@@ -1,8 +1,16 @@
 """An MNIST digit plus a random number 0..9 in; the digit and their sum out.
 
-Everything reusable for ``Assignment3.ipynb`` lives here, in reading order:
-data, model, training, evaluation, using a trained model, checkpoints, pictures,
-benchmark and the command line (``python helpers.py --help``).
+Everything reusable for ``Assignment3.ipynb`` lives here, in reading order: device and
+precision, data, model, evaluation, training, reading your own pictures, checkpoints,
+plots, benchmark and the command line (``python helpers.py --help``).
+
+Three conventions hold in every function:
+- device: only entry points choose one, with `try_device` (the command line, `benchmark`,
+  the notebook's first cell). Everything else follows what it is given: a `Split`'s
+  tensors for training and evaluation, the model's weights for `predict`.
+- precision: "auto" by default everywhere. Functions that run the network resolve it once
+  with `choose_precision`: bf16 on a CPU that computes it natively, fp32 elsewhere.
+- data: `root=None` means $MNIST_DATA_DIR, or ./data when that is unset.
 """
 from __future__ import annotations
 
@@ -16,7 +24,8 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,17 +36,82 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 from tqdm.auto import tqdm
 
+__version__ = "3.0"  # the notebook checks this: a helpers.py it was not written for says so
+
 NUM_DIGITS = 10  # image classes, and the random number is drawn from 0..9 too
 NUM_SUMS = 19  # 0 + 0 .. 9 + 9
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 DATA_DIR_ENV = "MNIST_DATA_DIR"
-WORKING_SIZE = 112  # larger pictures are first shrunk to this (antialiased): it averages out noise
-DIGIT_BOX, FRAME = 20, 28  # MNIST fits each digit into 20 x 20, then centres it in 28 x 28
 TEST_NUMBERS_SEED = 2024  # fixed, so every run scores the same test pairs
-MNIST_TRANSFORM = transforms.Compose([transforms.ToTensor(),
-                                      transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))])
+
+# The reference recipe, as the original write-up trained it.
+REFERENCE_BATCH_SIZE = 32
+REFERENCE_SGD = {"lr": 0.01, "momentum": 0.9}
+REFERENCE_EPOCHS_TO_99 = 5  # measured for it on a GPU (issue 4)
+
+
+# ----------------------------------------------------------------------------- device and precision
+
+def try_device(name: str = "auto") -> torch.device:
+    """cuda, then mps, then cpu for "auto"; a named device must be available."""
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": getattr(torch.backends, "mps", None) is not None
+                 and torch.backends.mps.is_available()}
+    if name == "auto":
+        name = next(n for n in ("cuda", "mps", "cpu") if available[n])
+    if name not in available:
+        raise ValueError(f"device must be auto, cpu, cuda or mps, got {name!r}")
+    if not available[name]:
+        raise ValueError(f"device {name!r} is not available on this machine")
+    return torch.device(name)
+
+
+def sync(device: torch.device):
+    """Waits for queued GPU work, so a timer reads the real time."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def describe_machine(device: torch.device) -> str:
+    """One line naming the hardware, for stating where a figure was measured."""
+    import platform
+    if device.type == "cuda":
+        return f"GPU: {torch.cuda.get_device_name(device)}"
+    return f"{device.type.upper()}: {os.cpu_count()} cores, {platform.machine()}, torch {torch.__version__}"
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def has_native_bf16() -> bool:
+    """Whether this CPU does bf16 arithmetic in hardware (AVX512-BF16 or AMX).
+
+    Elsewhere PyTorch emulates bf16, which is slower than fp32. The checks are PyTorch's own
+    CPU feature probes; a version without them counts as no.
+    """
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+def choose_precision(precision: str, device: torch.device) -> str:
+    """"auto" is bf16 on a CPU with native bf16 and fp32 everywhere else.
+
+    bf16 has only been measured on the CPU, so CUDA and MPS keep fp32 until someone measures it.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if device.type == "cpu" and has_native_bf16() else "fp32"
+    if precision == "bf16" and device.type != "cpu":
+        raise ValueError(f"bf16 is only supported on the CPU here, not on {device.type}; use fp32")
+    return precision
+
+
+def autocast(precision: str, device: torch.device):
+    """Runs convolutions and matrix products in a resolved `precision`, "fp32" or "bf16"."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 # ----------------------------------------------------------------------------- data
@@ -50,7 +124,20 @@ def default_data_dir() -> str:
     return os.environ.get(DATA_DIR_ENV, "data")
 
 
-def load_mnist(train: bool, root: str | os.PathLike | None = None, download: bool = True,
+def normalize(intensities: torch.Tensor) -> torch.Tensor:
+    """Intensities in [0, 1] (ink bright) as the network reads them: MNIST's mean and spread."""
+    return (intensities - MNIST_MEAN) / MNIST_STD
+
+
+def denormalize(images: torch.Tensor) -> torch.Tensor:
+    """The inverse of `normalize`: network inputs back to intensities in [0, 1]."""
+    return images * MNIST_STD + MNIST_MEAN
+
+
+MNIST_TRANSFORM = transforms.Compose([transforms.ToTensor(), normalize])
+
+
+def load_mnist(train: bool, *, root=None, download: bool = True,
                transform=MNIST_TRANSFORM) -> datasets.MNIST:
     """The torchvision MNIST split, downloading it if it is missing and we can."""
     root = Path(root if root is not None else default_data_dir())
@@ -62,7 +149,8 @@ def load_mnist(train: bool, root: str | os.PathLike | None = None, download: boo
             f"MNIST is not in '{raw}' and could not be downloaded ({error}).\n"
             f"Put these four uncompressed files there: {', '.join(MNIST_FILES)}\n"
             f"(from the .gz originals: gunzip -c FILE.gz > '{raw}/FILE'), or choose another "
-            f"folder with the data argument, --data or the {DATA_DIR_ENV} variable.") from None
+            f"folder with root= in Python, --data on the command line, or the {DATA_DIR_ENV} "
+            f"variable.") from None
 
 
 def draw_numbers(count: int, seed: int) -> torch.Tensor:
@@ -113,17 +201,17 @@ class Split:
                      None if self.numbers is None else self.numbers[:count])
 
 
-def load_split(train: bool, device="cpu", root=None, limit: int | None = None,
+def load_split(train: bool, *, root=None, device="cpu", limit: int | None = None,
                numbers_seed: int = TEST_NUMBERS_SEED) -> Split:
     """A split held as tensors on `device`; the test split gets fixed, seeded numbers.
 
     `limit` keeps the first `limit` images (the test numbers stay those of the full split).
     """
-    mnist = load_mnist(train, root, transform=None)
+    mnist = load_mnist(train, root=root, transform=None)
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
     count = len(mnist) if limit is None else min(limit, len(mnist))
-    images = (mnist.data[:count].float().div(255).sub(MNIST_MEAN).div(MNIST_STD)).unsqueeze(1)
+    images = normalize(mnist.data[:count].float() / 255).unsqueeze(1)
     numbers = None if train else draw_numbers(len(mnist), numbers_seed)[:count].to(device)
     return Split(images.to(device), mnist.targets[:count].to(device), numbers)
 
@@ -177,34 +265,84 @@ def draw_training_numbers(labels: torch.Tensor, generator: torch.Generator,
     return allowed[labels, torch.minimum(choice, counts[labels] - 1)]  # rand * n may round up to n
 
 
+def epoch_batches(labels: torch.Tensor, batch_size: int, generator: torch.Generator,
+                  holdout: torch.Tensor | None = None):
+    """One training epoch as (index, numbers) batches: a fresh order and fresh numbers."""
+    order = torch.randperm(len(labels), generator=generator).to(labels.device)
+    numbers = draw_training_numbers(labels, generator, holdout).to(labels.device)
+    for start in range(0, len(labels), batch_size):
+        index = order[start:start + batch_size]
+        yield index, numbers[index]
+
+
+def as_one_hot(numbers: torch.Tensor) -> torch.Tensor:
+    """Numbers as integers [B] or already one-hot [B, 10] -> one-hot floats [B, 10]."""
+    if numbers.dim() == 1 and not numbers.is_floating_point():
+        return F.one_hot(numbers, NUM_DIGITS).float()
+    if numbers.dim() == 2 and numbers.shape[1] == NUM_DIGITS:
+        return numbers.float()
+    raise ValueError(f"numbers must be integers [B] or one-hot [B, {NUM_DIGITS}], "
+                     f"got {numbers.dtype} {list(numbers.shape)}")
+
+
+# ----------------------------------------------------------------------------- pictures that are not MNIST
+
+FONT_FILES = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf",
+              "DejaVuSansMono.ttf", "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf",
+              "DejaVuSerif-Italic.ttf", "STIXGeneral.ttf", "STIXGeneralItalic.ttf",
+              "STIXGeneralBol.ttf", "cmr10.ttf", "cmss10.ttf", "cmtt10.ttf", "cmb10.ttf")
+
+
+def font_digits(count: int = 500, seed: int = 0) -> tuple[list, torch.Tensor]:
+    """Digits that are not MNIST: (PIL pictures, labels), dark ink on light paper.
+
+    Each is printed in one of the fonts matplotlib ships, on a square picture of 64 to 200 px,
+    with a random size, stroke width, slant, position, paper and ink brightness, a brightness
+    gradient across the paper and pixel noise. The digits cycle 0..9.
+    """
+    import matplotlib
+    from PIL import Image, ImageDraw, ImageFont
+    folder = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+    rng = np.random.default_rng(seed)
+    pictures = []
+    for index in range(count):
+        side = int(rng.integers(64, 201))
+        font = ImageFont.truetype(str(folder / FONT_FILES[rng.integers(len(FONT_FILES))]),
+                                  int(side * rng.uniform(0.4, 0.75)))
+        glyph = Image.new("L", (2 * side, 2 * side), 0)
+        ImageDraw.Draw(glyph).text((side, side), str(index % NUM_DIGITS), fill=255, font=font,
+                                   anchor="mm", stroke_width=int(rng.integers(0, side // 40 + 1)),
+                                   stroke_fill=255)
+        slant = rng.uniform(-0.25, 0.25)
+        glyph = glyph.transform(glyph.size, Image.Transform.AFFINE, (1, slant, -slant * side, 0, 1, 0),
+                                resample=Image.Resampling.BILINEAR)
+        left, top = (side // 2 + rng.integers(-side // 6, side // 6 + 1, size=2)).tolist()
+        ink = np.asarray(glyph.crop((left, top, left + side, top + side)), dtype=np.float32) / 255
+        ramp = np.linspace(0, 1, side, dtype=np.float32)
+        light = 1 - rng.uniform(0, 0.3) * (ramp[None, :] if rng.random() < 0.5 else ramp[:, None])
+        paper = rng.uniform(0.6, 1.0) * light
+        page = paper * (1 - ink) + rng.uniform(0, 0.3) * ink
+        page = page + rng.normal(0, 0.03, page.shape).astype(np.float32)
+        pictures.append(Image.fromarray((255 * page.clip(0, 1)).round().astype(np.uint8)))
+    return pictures, torch.arange(count) % NUM_DIGITS
+
+
+
+
 # ----------------------------------------------------------------------------- model
 
-SUM_HEADS = ("adder", "logits", "probs", "number_line")
-LINE_HEADS = ("adder", "number_line")  # the heads that place digits, numbers and sums on a line
-LINE_PARAMETERS = ("digit_position", "number_position", "sum_position", "log_sharpness")
-LINE_LR_SCALE = 10
+class DigitReader(nn.Module):
+    """The reference's convolutional path, layer for layer: images [B, 1, 28, 28] -> digit logits [B, 10].
 
-
-class Net(nn.Module):
-    """The reference graph, layer for layer, with an optional BatchNorm after each conv.
-
-    `sum_head` chooses the sum head:
-    - "adder" (default): each digit, each number and each sum class gets a learned position on
-      a line, from random starts. For every digit the image may show, the digit's and the
-      number's positions add, and each sum class scores by how close the total lands to its
-      own position; the answer mixes these over the digit's probabilities. Training minimises
-      the sum's cross-entropy averaged over those digit hypotheses (see `Net.loss`).
-    - "logits": the reference, fc1 -> ReLU -> fc2 on [digit logits, one-hot number];
-    - "probs": the same layers on the digit's softmax probabilities instead of its logits;
-    - "number_line": like "adder", but it adds the digit's *expected* position, so a digit
-      it hesitates over lands between two sums.
+    With `batch_norm`, a BatchNorm follows every convolution but the last, and those
+    convolutions drop their bias, which the BatchNorm's own shift makes redundant.
+    The two 1 x 1 convolutions (`pintconv`, pointwise) mix 64 channels down to 16 at each
+    pixel, a cheap bottleneck before the next 3 x 3 convolutions.
     """
+    lr_scale = 1.0  # learns at the base learning rate
 
-    def __init__(self, batch_norm: bool = True, sum_head: str = "adder"):
+    def __init__(self, batch_norm: bool = True):
         super().__init__()
-        if sum_head not in SUM_HEADS:
-            raise ValueError(f"sum_head must be one of {SUM_HEADS}, got {sum_head!r}")
-        self.batch_norm, self.sum_head_input = batch_norm, sum_head
 
         def conv(cin, cout, kernel=3, padding=0):
             return nn.Conv2d(cin, cout, kernel, padding=padding, bias=not batch_norm)
@@ -223,17 +361,8 @@ class Net(nn.Module):
         self.conv5, self.norm7 = conv(16, 32), norm(32)  # 5x5
         self.conv6, self.norm8 = conv(32, 64), norm(64)  # 3x3
         self.conv7 = nn.Conv2d(64, NUM_DIGITS, 3)  # 1x1: the digit logits
-        if sum_head in LINE_HEADS:  # random starts: the order of the line is learned
-            self.digit_position = nn.Parameter(0.1 * torch.randn(NUM_DIGITS))
-            self.number_position = nn.Parameter(0.1 * torch.randn(NUM_DIGITS))
-            self.sum_position = nn.Parameter(0.5 * torch.randn(NUM_SUMS))
-            self.log_sharpness = nn.Parameter(torch.zeros(()))
-        else:
-            self.fc1 = nn.Linear(2 * NUM_DIGITS, 128)
-            self.fc2 = nn.Linear(128, NUM_SUMS)
 
-    def digit_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """The convolutional part: images [B, 1, 28, 28] -> digit logits [B, 10]."""
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.norm1(self.conv1(images)))
         x = self.pool1(F.relu(self.norm2(self.conv2(x))))
         x = F.relu(self.norm3(self.pintconv1(x)))
@@ -244,268 +373,190 @@ class Net(nn.Module):
         x = F.relu(self.norm8(self.conv6(x)))
         return self.conv7(x).flatten(1)
 
-    def sum_log_probs(self, digit_logits: torch.Tensor, one_hot: torch.Tensor) -> torch.Tensor:
-        """The sum head: digit logits [B, 10] and one-hot numbers [B, 10] -> [B, 19], in fp32."""
-        with torch.autocast(digit_logits.device.type, enabled=False):  # tiny: precision is free
-            return self._sum_log_probs(digit_logits.float(), one_hot.float())
 
-    def _sum_log_probs(self, digit_logits, one_hot):
-        if self.sum_head_input == "adder":  # p(sum) = sum over d of p(d | image) q(sum | d, number)
-            per_digit = F.log_softmax(digit_logits, 1)[:, :, None] + self.sum_given_digit(one_hot)
-            return torch.logsumexp(per_digit, dim=1)
-        if self.sum_head_input == "number_line":
-            total = digit_logits.softmax(1) @ self.digit_position + one_hot @ self.number_position
-            return self._sum_scores(total)
-        digit = digit_logits.softmax(1) if self.sum_head_input == "probs" else digit_logits
-        x = F.relu(self.fc1(torch.cat([digit, one_hot], dim=1)))
-        return F.log_softmax(self.fc2(x), dim=1)
+class SumHead(nn.Module):
+    """What every sum head offers: log-probs of the 19 sums from (digit logits, one-hot number),
+    the loss it trains on, and how fast its parameters learn (`lr_scale` times the base rate).
 
-    def _sum_scores(self, total: torch.Tensor) -> torch.Tensor:
-        """Log-probs of each sum class for positions `total` [...]: nearer classes score higher."""
+    Heads compute in fp32 even under bf16 autocast: they are tiny, so precision costs nothing.
+    """
+    lr_scale = 1.0
+
+    def forward(self, digit_logits: torch.Tensor, one_hot: torch.Tensor) -> torch.Tensor:
+        """digit logits [B, 10] and one-hot numbers [B, 10] -> sum log-probs [B, 19]."""
+        with torch.autocast(digit_logits.device.type, enabled=False):
+            return self.log_probs(digit_logits.float(), one_hot.float())
+
+    def log_probs(self, digit_logits: torch.Tensor, one_hot: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss(self, digit_logits: torch.Tensor, one_hot: torch.Tensor, sums: torch.Tensor):
+        """The training loss for integer `sums` [B]: the cross-entropy of the head's answer."""
+        return F.nll_loss(self(digit_logits, one_hot), sums)
+
+
+class MLPHead(SumHead):
+    """The reference head: fc1 (20 -> 128), ReLU, fc2 (128 -> 19) on [digit, one-hot number].
+
+    `input` "logits" feeds it the digit logits, as the reference did; "probs", their softmax.
+    """
+
+    def __init__(self, input: str = "logits"):
+        super().__init__()
+        if input not in ("logits", "probs"):
+            raise ValueError(f"input must be 'logits' or 'probs', got {input!r}")
+        self.input = input
+        self.fc1 = nn.Linear(2 * NUM_DIGITS, 128)
+        self.fc2 = nn.Linear(128, NUM_SUMS)
+
+    def log_probs(self, digit_logits, one_hot):
+        digit = digit_logits.softmax(1) if self.input == "probs" else digit_logits
+        return F.log_softmax(self.fc2(F.relu(self.fc1(torch.cat([digit, one_hot], 1)))), 1)
+
+    def extra_repr(self):
+        return f"input={self.input!r}"
+
+
+class LineHead(SumHead):
+    """A learned number line: a position for each digit (x_d), number (y_n) and sum (z_s), all
+    from random starts, and a sharpness k. A total t scores sum s by -k (t - z_s)^2.
+
+    The 40 parameters learn 10x faster than the network: they must travel far from their
+    random starts, and k must grow from 1 to tens, while the one-cycle schedule still warms up.
+    """
+    lr_scale = 10.0
+
+    def __init__(self):
+        super().__init__()
+        self.digit_position = nn.Parameter(0.1 * torch.randn(NUM_DIGITS))
+        self.number_position = nn.Parameter(0.1 * torch.randn(NUM_DIGITS))
+        self.sum_position = nn.Parameter(0.5 * torch.randn(NUM_SUMS))
+        self.log_sharpness = nn.Parameter(torch.zeros(()))
+
+    def sum_scores(self, total: torch.Tensor) -> torch.Tensor:
+        """Log-probs of each sum for positions `total` [...]: nearer sums score higher."""
         scores = -self.log_sharpness.exp() * (total[..., None] - self.sum_position) ** 2
         return F.log_softmax(scores, dim=-1)
 
+    def learned_positions(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, f"{name}_position").detach().cpu()
+                for name in ("digit", "number", "sum")}
+
+    def extra_repr(self):
+        return (f"positions: {NUM_DIGITS} digits, {NUM_DIGITS} numbers, {NUM_SUMS} sums; "
+                f"sharpness k = {float(self.log_sharpness.detach().exp()):.3g}")
+
+
+class AdderHead(LineHead):
+    """For every digit d the image may show, the positions add, and the answers are mixed:
+
+        p(s | image, n) = sum over d of p(d | image) q(s | d, n),
+        q(s | d, n) = softmax over s of -k (x_d + y_n - z_s)^2.
+
+    Nothing here says which positions are right: their order and spacing are learned.
+    """
+
     def sum_given_digit(self, one_hot: torch.Tensor) -> torch.Tensor:
-        """The adder's log q(sum | digit, number) for every digit: [B, 10 digits, 19 sums]."""
-        total = self.digit_position + (one_hot.float() @ self.number_position)[:, None]
-        return self._sum_scores(total)
+        """log q(s | d, n) for every digit d: [B, 10 digits, 19 sums]."""
+        return self.sum_scores(self.digit_position + (one_hot @ self.number_position)[:, None])
 
-    def loss(self, digit_logits: torch.Tensor, numbers: torch.Tensor, labels: torch.Tensor):
-        """The training loss: the mean of the digit's and the sum's cross-entropies.
+    def log_probs(self, digit_logits, one_hot):
+        per_digit = F.log_softmax(digit_logits, 1)[:, :, None] + self.sum_given_digit(one_hot)
+        return torch.logsumexp(per_digit, dim=1)
 
-        `numbers` and `labels` are integers [B]; the sum label is their total.
+    def loss(self, digit_logits, one_hot, sums):
+        """The sum's cross-entropy -log q(s | d, n), averaged over the digits d with weights
+        p(d | image).
 
-        For the adder, the sum's cross-entropy is averaged over the digits the image may show,
-        weighted by their probabilities. By Jensen's inequality that bounds the cross-entropy of
-        its mixed answer from above, and it sends each example's gradient to the digit the
-        network believes, where the mixture's own gradient can blame an unlikely digit and
-        leave rare sums stranded in the wrong place on the line. The weights are held fixed
-        (detached): the digit reader learns from the digit labels, since a sum label says
-        nothing more about the image, and a half-ordered line pushing it cost digit accuracy
-        (99.25 % against 99.52 % after 3 epochs).
+        By Jensen's inequality (-log of a mixture is at most the mixture of -logs) this bounds
+        the cross-entropy of the mixed answer from above. Its gradient sends each example to
+        the digit the network believes, where the mixture's own gradient can blame an unlikely
+        digit and leave rare sums stranded in the wrong place on the line. The weights are
+        detached (held fixed): the digit reader learns from the digit labels, since a sum label
+        says nothing more about the image, and a half-ordered line pushing it cost digit
+        accuracy (99.25 % against 99.52 % after 3 epochs).
         """
-        one_hot, sums = F.one_hot(numbers, NUM_DIGITS).float(), labels + numbers
-        digit_lp = F.log_softmax(digit_logits.float(), 1)
-        if self.sum_head_input == "adder":
-            with torch.autocast(digit_logits.device.type, enabled=False):
-                per_digit = self.sum_given_digit(one_hot)  # [B, 10, 19]
-                target = sums[:, None, None].expand(-1, NUM_DIGITS, 1)
-                weights = digit_lp.exp().detach()
-                sum_loss = -(weights * per_digit.gather(2, target)[..., 0]).sum(1).mean()
-        else:
-            sum_loss = F.nll_loss(self.sum_log_probs(digit_logits, one_hot), sums)
-        return (F.nll_loss(digit_lp, labels) + sum_loss) / 2
+        with torch.autocast(digit_logits.device.type, enabled=False):
+            per_digit = self.sum_given_digit(one_hot.float())  # [B, 10, 19]
+            weights = F.log_softmax(digit_logits.float(), 1).exp().detach()
+            target = sums[:, None, None].expand(-1, NUM_DIGITS, 1)
+            return -(weights * per_digit.gather(2, target)[..., 0]).sum(1).mean()
+
+
+class NumberLineHead(LineHead):
+    """The line fed the digit's *expected* position, sum over d of p(d | image) x_d: a digit
+    the network hesitates over lands between two sums."""
+
+    def log_probs(self, digit_logits, one_hot):
+        total = digit_logits.softmax(1) @ self.digit_position + one_hot @ self.number_position
+        return self.sum_scores(total)
+
+
+SUM_HEADS = {"adder": AdderHead, "logits": partial(MLPHead, "logits"),
+             "probs": partial(MLPHead, "probs"), "number_line": NumberLineHead}
+
+
+def make_sum_head(kind: str) -> SumHead:
+    """The one place that turns a head's name into a head."""
+    if kind not in SUM_HEADS:
+        raise ValueError(f"sum_head must be one of {tuple(SUM_HEADS)}, got {kind!r}")
+    return SUM_HEADS[kind]()
+
+
+def parameter_groups(lr: float, *modules: nn.Module) -> list[dict]:
+    """Optimizer groups: each module's parameters at `lr` times its `lr_scale`."""
+    return [{"params": list(module.parameters()), "lr": lr * module.lr_scale}
+            for module in modules]
+
+
+class Net(nn.Module):
+    """The digit reader (the reference's convolutions) followed by a sum head.
+
+    `sum_head`: "adder" (default), "logits" (the reference's fc1/fc2), "probs" (fc1/fc2 on the
+    digit's probabilities) or "number_line"; see `SUM_HEADS`.
+    """
+
+    def __init__(self, batch_norm: bool = True, sum_head: str = "adder"):
+        super().__init__()
+        self.digit_reader = DigitReader(batch_norm)
+        self.sum_head = make_sum_head(sum_head)
+        self._config = {"batch_norm": batch_norm, "sum_head": sum_head}
+
+    def digit_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 1, 28, 28] -> digit logits [B, 10]."""
+        return self.digit_reader(images)
 
     def forward(self, images: torch.Tensor, numbers: torch.Tensor):
         """images [B, 1, 28, 28]; numbers int [B] or one-hot [B, 10].
 
         Returns (digit log-probs [B, 10], sum log-probs [B, 19]).
         """
-        logits = self.digit_logits(images)
-        return F.log_softmax(logits, dim=1), self.sum_log_probs(logits, as_one_hot(numbers))
+        logits = self.digit_reader(images)
+        return F.log_softmax(logits, dim=1), self.sum_head(logits, as_one_hot(numbers))
 
-    def parameter_groups(self, lr: float, sum_head_only: bool = False) -> list[dict]:
-        """Optimizer groups: the line's few positions learn LINE_LR_SCALE times faster.
+    def loss(self, digit_logits: torch.Tensor, numbers: torch.Tensor, labels: torch.Tensor):
+        """The training loss: the mean of the digit's cross-entropy and the sum head's own loss.
 
-        They must travel a long way from their random starts (and the sharpness must grow
-        from 1 to tens) while the one-cycle schedule is still warming up.
-        `sum_head_only` leaves out the convolutional part.
+        `numbers` and `labels` are integers [B]; the sum label is their total.
         """
-        named = list(self.named_parameters())
-        line = [p for name, p in named if name in LINE_PARAMETERS]
-        head = [p for name, p in named if name.startswith(("fc1.", "fc2."))]
-        digit = [p for name, p in named if name not in LINE_PARAMETERS
-                 and not name.startswith(("fc1.", "fc2."))]
-        groups = [{"params": head if sum_head_only else digit + head, "lr": lr},
-                  {"params": line, "lr": lr * LINE_LR_SCALE}]
-        return [group for group in groups if group["params"]]
+        digit_loss = F.cross_entropy(digit_logits.float(), labels)
+        sum_loss = self.sum_head.loss(digit_logits, as_one_hot(numbers), labels + numbers)
+        return (digit_loss + sum_loss) / 2
+
+    def parameter_groups(self, lr: float) -> list[dict]:
+        return parameter_groups(lr, self.digit_reader, self.sum_head)
 
     def config(self) -> dict:
-        return {"batch_norm": self.batch_norm, "sum_head": self.sum_head_input}
-
-
-def as_one_hot(numbers: torch.Tensor) -> torch.Tensor:
-    if numbers.dim() == 1 and not numbers.is_floating_point():
-        return F.one_hot(numbers, NUM_DIGITS).float()
-    if numbers.dim() == 2 and numbers.shape[1] == NUM_DIGITS:
-        return numbers.float()
-    raise ValueError(f"numbers must be integers [B] or one-hot [B, {NUM_DIGITS}], "
-                     f"got {numbers.dtype} {list(numbers.shape)}")
-
-
-# ----------------------------------------------------------------------------- training
-
-def try_device(name: str = "auto") -> torch.device:
-    """cuda, then mps, then cpu for "auto"; a named device must be available."""
-    available = {"cpu": True, "cuda": torch.cuda.is_available(),
-                 "mps": getattr(torch.backends, "mps", None) is not None
-                 and torch.backends.mps.is_available()}
-    if name == "auto":
-        name = next(n for n in ("cuda", "mps", "cpu") if available[n])
-    if name not in available:
-        raise ValueError(f"device must be auto, cpu, cuda or mps, got {name!r}")
-    if not available[name]:
-        raise RuntimeError(f"device {name!r} is not available on this machine")
-    return torch.device(name)
-
-
-def sync(device: torch.device):
-    """Waits for queued GPU work, so a timer reads the real time."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def describe_machine(device: torch.device) -> str:
-    """One line naming the hardware, for stating where a figure was measured."""
-    import platform
-    if device.type == "cuda":
-        return f"GPU: {torch.cuda.get_device_name(device)}"
-    return f"{device.type.upper()}: {os.cpu_count()} cores, {platform.machine()}, torch {torch.__version__}"
-
-
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def has_native_bf16() -> bool:
-    """Whether this CPU does bf16 arithmetic in hardware (AVX512-BF16 or AMX).
-
-    Elsewhere PyTorch emulates bf16, which is slower than fp32. The checks are PyTorch's own
-    CPU feature probes; a version without them counts as no.
-    """
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
-
-
-def choose_precision(precision: str, device: torch.device) -> str:
-    """"auto" is bf16 on a CPU with native bf16 and fp32 everywhere else.
-
-    bf16 has only been measured on the CPU, so CUDA and MPS keep fp32 until someone measures it.
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "auto":
-        return "bf16" if device.type == "cpu" and has_native_bf16() else "fp32"
-    if precision == "bf16" and device.type != "cpu":
-        raise ValueError(f"bf16 is only supported on the CPU here, not on {device.type}; use fp32")
-    return precision
-
-
-def autocast(precision: str, device: torch.device):
-    """The context that runs convolutions and matrix products in `precision` ("fp32" or "bf16")."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def loss_fn(digit_log_probs, sum_log_probs, labels, sums, reduction="mean"):
-    """The mean of the two heads' cross-entropies (the heads already give log-probs)."""
-    return (F.nll_loss(digit_log_probs, labels, reduction=reduction)
-            + F.nll_loss(sum_log_probs, sums, reduction=reduction)) / 2
-
-
-def train_step(model: Net, optimizer, images, labels, numbers, precision="fp32") -> torch.Tensor:
-    """One optimizer step on a batch; returns the loss, still on the device.
-
-    Under bf16 only the convolutions are autocast; the heads, the loss and the weights stay fp32.
-    """
-    with autocast(precision, images.device):
-        digit_logits = model.digit_logits(images)
-    loss = model.loss(digit_logits.float(), numbers, labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
-
-
-def one_cycle_adam(model: Net, lr: float, total_steps: int, sum_head_only: bool = False):
-    """Adam over `model.parameter_groups`, and a one-cycle schedule peaking at each group's lr."""
-    groups = model.parameter_groups(lr, sum_head_only)
-    optimizer = torch.optim.Adam(groups)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=[group["lr"] for group in groups], total_steps=total_steps)
-    return optimizer, schedule
-
-
-@contextmanager
-def progress_bar(steps: int, desc: str, disable: bool = False):
-    """A tqdm bar over range(steps) that redraws at most every 2 s.
-
-    Few redraws, because in a notebook each is a message to the front end, and nbval's kernel
-    client drops messages (and fails the cell) past about a thousand per cell. A notebook bar's
-    saved text, which static renderers such as GitHub show, is captured when the bar appears;
-    it is rendered again when the bar closes, so it reads finished rather than 0 %.
-    """
-    from tqdm.notebook import tqdm as notebook_tqdm
-    in_notebook = issubclass(tqdm, notebook_tqdm) and not disable
-    bar = tqdm(range(steps), desc=desc, disable=disable, mininterval=2,
-               **({"display": False} if in_notebook else {}))
-    shown = None
-    if in_notebook:
-        from IPython.display import display
-        shown = display(bar.container, display_id=True)
-    try:
-        yield bar
-    finally:
-        bar.close()
-        if shown is not None:
-            shown.update(bar.container)
-
-
-def train(model: Net, train_split: Split, test_split: Split, epochs: int = 3,
-          batch_size: int = 128, lr: float = 0.01, seed: int = 0, holdout=None,
-          precision: str = "auto", progress: bool = True, log=print, on_epoch=None,
-          stop_requested=None) -> list[dict]:
-    """Adam with a one-cycle schedule; fresh numbers and order every epoch.
-
-    After each epoch, `log` gets the test line. Returns one dict per epoch: `epoch`,
-    `train_seconds`, `train_loss`, `precision` and the fields of `evaluate(...).summary()`.
-    `holdout`: (digit, number) pairs that never occur in training.
-    `precision`: "auto", "fp32" or "bf16" (see `choose_precision`); the weights stay fp32.
-    `on_epoch`: called with each epoch's dict as soon as the epoch is scored.
-    `stop_requested`: checked after every step; once it returns True, training raises
-    KeyboardInterrupt there, between two steps (the command line's Ctrl-C).
-    """
-    if epochs < 1 or batch_size < 1 or not lr > 0:
-        raise ValueError("epochs and batch_size must be at least 1 and lr positive")
-    if test_split.numbers is None:  # found now, not after the first epoch
-        raise ValueError("the test split needs fixed numbers: use load_split(train=False)")
-    device = train_split.images.device
-    precision = choose_precision(precision, device)
-    model.to(device, memory_format=torch.channels_last)  # about 1.4x faster convolutions on CPU
-    holdout_table = None if holdout is None else pairs_table(holdout)
-    generator = torch.Generator().manual_seed(seed)
-    steps = math.ceil(len(train_split) / batch_size)
-    optimizer, schedule = one_cycle_adam(model, lr, epochs * steps)
-    history = []
-    for epoch in range(1, epochs + 1):
-        model.train()
-        started = time.perf_counter()
-        order = torch.randperm(len(train_split), generator=generator).to(device)
-        numbers = draw_training_numbers(train_split.labels, generator, holdout_table).to(device)
-        loss_sum = torch.zeros((), device=device)  # stays on the device: no sync per step
-        with progress_bar(steps, f"Epoch {epoch}/{epochs}", disable=not progress) as bar:
-            for step in bar:
-                index = order[step * batch_size:(step + 1) * batch_size]
-                loss = train_step(model, optimizer, train_split.images[index],
-                                  train_split.labels[index], numbers[index], precision)
-                schedule.step()
-                if stop_requested is not None and stop_requested():
-                    raise KeyboardInterrupt
-                loss_sum += loss * len(index)
-                if step % 50 == 49 or step == steps - 1:  # .item() waits for the device
-                    seen = min(len(train_split), (step + 1) * batch_size)
-                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}")
-        sync(device)
-        seconds = time.perf_counter() - started
-        result = evaluate(model, test_split, precision=precision)
-        history.append({"epoch": epoch, "train_seconds": seconds, "precision": precision,
-                        "train_loss": loss_sum.item() / len(train_split), **result.summary()})
-        if log:
-            log(result.test_line())
-        if on_epoch:
-            on_epoch(history[-1])
-    return history
+        return dict(self._config)
 
 
 # ----------------------------------------------------------------------------- evaluation
+
+def loss_fn(digit_log_probs, sum_log_probs, labels, sums, reduction="mean"):
+    """The loss we report: the mean of the two answers' cross-entropies (heads give log-probs)."""
+    return (F.nll_loss(digit_log_probs, labels, reduction=reduction)
+            + F.nll_loss(sum_log_probs, sums, reduction=reduction)) / 2
+
 
 @dataclass
 class Evaluation:
@@ -540,48 +591,8 @@ def confusion_matrix(truth: torch.Tensor, predicted: torch.Tensor, classes: int)
 
 
 @torch.no_grad()
-def evaluate(model: Net, split: Split, batch_size: int = 1000, precision: str = "auto") -> Evaluation:
-    """Average loss, accuracies, consistency and confusion matrices on the split's numbers."""
-    if split.numbers is None:
-        raise ValueError("evaluate needs a split with fixed numbers (load_split(train=False))")
-    device = split.images.device
-    precision = choose_precision(precision, device)
-    model.eval()
-    loss_sum, digit_preds, sum_preds = 0.0, [], []
-    for start in range(0, len(split), batch_size):
-        part = slice(start, start + batch_size)
-        with autocast(precision, device):
-            digit_lp, sum_lp = (out.float() for out in model(split.images[part], split.numbers[part]))
-        loss_sum += loss_fn(digit_lp, sum_lp, split.labels[part], split.sums[part], "sum").item()
-        digit_preds.append(digit_lp.argmax(1))
-        sum_preds.append(sum_lp.argmax(1))
-    digit_pred, sum_pred = torch.cat(digit_preds).cpu(), torch.cat(sum_preds).cpu()
-    labels, sums, numbers = split.labels.cpu(), split.sums.cpu(), split.numbers.cpu()
-    digit_ok, sum_ok = digit_pred == labels, sum_pred == sums
-    return Evaluation(
-        loss=loss_sum / len(split), digit_correct=int(digit_ok.sum()), sum_correct=int(sum_ok.sum()),
-        both_correct=int((digit_ok & sum_ok).sum()),
-        consistent=int((sum_pred == digit_pred + numbers).sum()), count=len(split),
-        digit_confusion=confusion_matrix(labels, digit_pred, NUM_DIGITS),
-        sum_confusion=confusion_matrix(sums, sum_pred, NUM_SUMS),
-        digit_pred=digit_pred, sum_pred=sum_pred)
-
-
-@torch.no_grad()
-def evaluate_all_numbers(model: Net, split: Split, batch_size: int = 1000,
-                         precision: str = "auto") -> dict:
-    """Every image with each of the 10 numbers: the convolutions once, the small head ten times.
-
-    Returns `sum_acc` over all pairs, `per_number` [10] and `per_pair` [10 digits, 10 numbers]
-    accuracies, and `pair_counts`, how many test pairs each cell holds.
-    """
-    logits = digit_logits_of(model, split, batch_size, precision)
-    return sum_accuracy_by_pair(model, logits, split.labels)
-
-
-@torch.no_grad()
-def digit_logits_of(model: Net, split: Split, batch_size: int = 1000,
-                    precision: str = "auto") -> torch.Tensor:
+def digit_logits_of(model: Net, split: Split, precision: str = "auto",
+                    batch_size: int = 1000) -> torch.Tensor:
     """The digit logits [N, 10] (fp32) of every image in the split."""
     device = split.images.device
     precision = choose_precision(precision, device)
@@ -594,13 +605,42 @@ def digit_logits_of(model: Net, split: Split, batch_size: int = 1000,
 
 
 @torch.no_grad()
-def sum_accuracy_by_pair(model: Net, digit_logits: torch.Tensor, labels: torch.Tensor) -> dict:
+def evaluate(model: Net, split: Split, precision: str = "auto", batch_size: int = 1000) -> Evaluation:
+    """Average loss, accuracies, consistency and confusion matrices on the split's numbers."""
+    if split.numbers is None:
+        raise ValueError("evaluate needs a split with fixed numbers (load_split(train=False))")
+    logits = digit_logits_of(model, split, precision, batch_size)
+    digit_lp, sum_lp = F.log_softmax(logits, 1), model.sum_head(logits, as_one_hot(split.numbers))
+    loss = loss_fn(digit_lp, sum_lp, split.labels, split.sums).item()
+    digit_pred, sum_pred = digit_lp.argmax(1).cpu(), sum_lp.argmax(1).cpu()
+    labels, sums, numbers = split.labels.cpu(), split.sums.cpu(), split.numbers.cpu()
+    digit_ok, sum_ok = digit_pred == labels, sum_pred == sums
+    return Evaluation(
+        loss=loss, digit_correct=int(digit_ok.sum()), sum_correct=int(sum_ok.sum()),
+        both_correct=int((digit_ok & sum_ok).sum()),
+        consistent=int((sum_pred == digit_pred + numbers).sum()), count=len(split),
+        digit_confusion=confusion_matrix(labels, digit_pred, NUM_DIGITS),
+        sum_confusion=confusion_matrix(sums, sum_pred, NUM_SUMS),
+        digit_pred=digit_pred, sum_pred=sum_pred)
+
+
+@torch.no_grad()
+def evaluate_all_numbers(model: Net, split: Split, precision: str = "auto") -> dict:
+    """Every image with each of the 10 numbers: the convolutions once, the small head ten times.
+
+    Returns `sum_acc` over all pairs, `per_number` [10] and `per_pair` [10 digits, 10 numbers]
+    accuracies, and `pair_counts`, how many test pairs each cell holds.
+    """
+    return sum_accuracy_by_pair(model.sum_head, digit_logits_of(model, split, precision), split.labels)
+
+
+@torch.no_grad()
+def sum_accuracy_by_pair(head: SumHead, digit_logits: torch.Tensor, labels: torch.Tensor) -> dict:
     """`evaluate_all_numbers` from digit logits already computed: the sum head alone."""
-    model.eval()
     correct = torch.zeros(NUM_DIGITS, NUM_DIGITS)  # [digit, number]
     for number in range(NUM_DIGITS):
         one_hot = F.one_hot(torch.full_like(labels, number), NUM_DIGITS).float()
-        ok = model.sum_log_probs(digit_logits, one_hot).argmax(1) == labels + number
+        ok = head(digit_logits, one_hot).argmax(1) == labels + number
         correct[:, number] = torch.bincount(labels[ok], minlength=NUM_DIGITS).cpu().float()
     counts = torch.bincount(labels.cpu(), minlength=NUM_DIGITS)[:, None].expand(-1, NUM_DIGITS)
     return {"sum_acc": float(correct.sum() / counts.sum()),
@@ -608,42 +648,14 @@ def sum_accuracy_by_pair(model: Net, digit_logits: torch.Tensor, labels: torch.T
             "per_pair": correct / counts, "pair_counts": counts.clone()}
 
 
-def train_sum_head(sum_head: str, digit_logits: torch.Tensor, labels: torch.Tensor,
-                   holdout=None, epochs: int = 2, batch_size: int = 128, lr: float = 0.01,
-                   seed: int = 0) -> Net:
-    """A fresh sum head trained alone on the frozen digit logits of a trained network.
-
-    The same loss, optimizer and schedule as `train`, in seconds rather than minutes, because
-    the convolutions never run: the returned Net's own convolutional part is left untrained,
-    so score it with `sum_accuracy_by_pair` on logits, not on images.
-    """
-    torch.manual_seed(seed)
-    model = Net(sum_head=sum_head).to(digit_logits.device)
-    generator = torch.Generator().manual_seed(seed)
-    holdout_table = None if holdout is None else pairs_table(holdout)
-    steps = math.ceil(len(labels) / batch_size)
-    optimizer, schedule = one_cycle_adam(model, lr, epochs * steps, sum_head_only=True)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(labels), generator=generator).to(labels.device)
-        numbers = draw_training_numbers(labels, generator, holdout_table).to(labels.device)
-        for step in range(steps):
-            index = order[step * batch_size:(step + 1) * batch_size]
-            loss = model.loss(digit_logits[index], numbers[index], labels[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    return model.eval()
-
-
 def results_table(result: Evaluation, all_numbers: dict) -> str:
     """The headline figures as a small text table."""
     summary = result.summary()
+    pairs = int(all_numbers["pair_counts"].sum())
     rows = [("digit accuracy", summary["digit_acc"]), ("sum accuracy", summary["sum_acc"]),
             ("both correct", summary["both_acc"]),
             ("consistency (sum = digit + number)", summary["consistency"]),
-            ("sum accuracy, all 100,000 pairs", all_numbers["sum_acc"])]
+            (f"sum accuracy, all {pairs:,} pairs", all_numbers["sum_acc"])]
     return "\n".join(f"{name:36} {100 * value:6.2f} %" for name, value in rows)
 
 
@@ -657,16 +669,232 @@ def split_by_pairs(all_numbers: dict, pairs) -> dict:
             "held_out_count": int(counts[table].sum()), "seen_count": int(counts[~table].sum())}
 
 
-# ----------------------------------------------------------------------------- using a model
+def line_evidence(held_out) -> dict:
+    """What the seen pairs tell a line head. Each seen pair (d, n) is one equation,
+    x_d + y_n = z_{d+n}, on the 39 positions. Addition itself leaves 3 of them free (where 0 sits
+    on the digits' and on the numbers' line, and the unit), so 36 independent equations fix every
+    position; with fewer, some positions have no evidence, and the unseen pairs are a guess.
+    Returns `equations` (independent ones), `needed` (36) and `unseen_sums`, the sums no seen
+    pair has."""
+    seen = (~pairs_table(held_out)).nonzero().tolist()
+    system = torch.zeros(len(seen), 2 * NUM_DIGITS + NUM_SUMS)
+    for row, (digit, number) in enumerate(seen):
+        system[row, [digit, NUM_DIGITS + number, 2 * NUM_DIGITS + digit + number]] = torch.tensor([1.0, 1, -1])
+    return {"equations": int(torch.linalg.matrix_rank(system)), "needed": system.shape[1] - 3,
+            "unseen_sums": NUM_SUMS - len({digit + number for digit, number in seen})}
 
-def _intensities(image) -> torch.Tensor:
-    """Any picture as grayscale intensities [H, W], float in [0, 1]; transparent areas become white."""
-    if hasattr(image, "getbands"):  # a PIL image
-        if "A" in image.getbands() or "transparency" in image.info:
-            image = image.convert("RGBA")
-        elif image.mode not in ("L", "RGB"):
-            image = image.convert("RGB")
-        image = np.asarray(image)
+
+# ----------------------------------------------------------------------------- training
+
+# Mild distortions, so the reader meets handwriting a little unlike MNIST's.
+AUGMENT_DEGREES = 12  # rotation, either way
+AUGMENT_SCALE = 0.12  # enlarged or shrunk by up to 12 %
+AUGMENT_SHIFT = 2.5  # pixels, along each axis
+AUGMENT_THICKER, AUGMENT_THINNER = 1 / 4, 1 / 3  # shares of images whose strokes change width
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, strength: float = 1.0) -> torch.Tensor:
+    """A randomly distorted copy of normalized images [B, 1, H, W], as batched tensor ops.
+
+    Each image is rotated, scaled and shifted (one affine warp), then a quarter of them get
+    thicker strokes and a third thinner ones, by blending towards a 3 x 3 max-pool or min-pool.
+    `strength` scales every range, so 0 gives the images back unchanged. The random draws come
+    from `generator` (on the CPU), so a seed repeats them.
+    """
+    count, device = len(images), images.device
+
+    def uniform(*shape):  # in [-strength, strength]
+        return strength * (2 * torch.rand(*shape, generator=generator) - 1)
+
+    angle = uniform(count) * math.radians(AUGMENT_DEGREES)
+    scale = 1 + uniform(count) * AUGMENT_SCALE
+    shift = uniform(count, 2) * AUGMENT_SHIFT * 2 / images.shape[-1]  # the image spans [-1, 1]
+    cos, sin = angle.cos() / scale, angle.sin() / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1),
+                         torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta.to(device), list(images.shape), align_corners=False)
+    paper = normalize(torch.tensor(0.0))  # what the warp brings in from outside the frame
+    warped = F.grid_sample(images - paper, grid, align_corners=False) + paper
+    pick = torch.rand(count, generator=generator)[:, None, None, None].to(device)
+    weight = (strength * torch.rand(count, generator=generator)).clamp(max=1)
+    thicker, thinner = F.max_pool2d(warped, 3, 1, 1), -F.max_pool2d(-warped, 3, 1, 1)
+    target = torch.where(pick < AUGMENT_THICKER, thicker,
+                         torch.where(pick < AUGMENT_THICKER + AUGMENT_THINNER, thinner, warped))
+    return warped + weight[:, None, None, None].to(device) * (target - warped)
+
+
+def train_step(model: Net, optimizer, images, labels, numbers, precision: str) -> torch.Tensor:
+    """One optimizer step on a batch, with `precision` already resolved.
+
+    Only the convolutions run under autocast; the heads, the loss and the weights stay fp32.
+    Returns the batch's `loss_fn`, the same quantity as the test loss, still on the device.
+    """
+    with autocast(precision, images.device):
+        digit_logits = model.digit_logits(images).float()
+    loss = model.loss(digit_logits, numbers, labels)
+    with torch.no_grad():  # the adder trains on a bound; report what the test line reports
+        answers = F.log_softmax(digit_logits, 1), model.sum_head(digit_logits, as_one_hot(numbers))
+        reported = loss_fn(*answers, labels, labels + numbers)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return reported
+
+
+def one_cycle_adam(groups: list[dict], total_steps: int):
+    """Adam over parameter `groups`, and a one-cycle schedule peaking at each group's lr."""
+    optimizer = torch.optim.Adam(groups)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[group["lr"] for group in groups], total_steps=total_steps)
+    return optimizer, schedule
+
+
+@contextmanager
+def progress_bar(steps: int, desc: str, disable: bool = False):
+    """A tqdm bar over range(steps) that redraws at most every 2 s.
+
+    Few redraws, because in a notebook each is a message to the front end, and nbval's kernel
+    client drops messages (and fails the cell) past about a thousand per cell. A notebook bar's
+    saved text, which static renderers such as GitHub show, is captured when the bar appears;
+    it is rendered again when the bar closes, so it reads finished rather than 0 %.
+    """
+    from tqdm.notebook import tqdm as notebook_tqdm
+    in_notebook = issubclass(tqdm, notebook_tqdm) and not disable
+    bar = tqdm(range(steps), desc=desc, disable=disable, mininterval=2,
+               **({"display": False} if in_notebook else {}))
+    shown = None
+    if in_notebook:
+        from IPython.display import display
+        shown = display(bar.container, display_id=True)
+    try:
+        yield bar
+    finally:
+        bar.close()
+        if shown is not None:
+            shown.update(bar.container)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to train. The defaults are the notebook's and the command line's."""
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 0.01  # the peak of the one-cycle schedule
+    seed: int = 0  # the order, the numbers and the augmentation of every epoch
+    augment: float = 0.0  # the strength of `augment`; 0 trains on the images as they are
+    holdout: tuple | None = None  # (digit, number) pairs that never occur in training
+    precision: str = "auto"
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or not self.augment >= 0:
+            raise ValueError("epochs and batch_size must be at least 1, lr positive and "
+                             "augment at least 0")
+
+
+class TrainingData:
+    """The training split served one epoch at a time, as `train` consumes it: each epoch has a
+    fresh order and fresh numbers (never a held-out pair), and distorted images unless
+    `recipe.augment` is 0. Seeded by `recipe.seed`."""
+
+    def __init__(self, split: Split, recipe: Recipe):
+        self.split, self.recipe = split, recipe
+        self.holdout = None if recipe.holdout is None else pairs_table(recipe.holdout)
+        self.data_rng = torch.Generator().manual_seed(recipe.seed)
+        # Its own generator, so --no-augment draws the same orders and numbers as before.
+        self.augment_rng = torch.Generator().manual_seed(recipe.seed + 1)
+
+    def __len__(self):
+        """Batches per epoch."""
+        return math.ceil(len(self.split) / self.recipe.batch_size)
+
+    def epoch(self):
+        """One epoch of (images, labels, numbers) batches."""
+        split, recipe = self.split, self.recipe
+        for index, numbers in epoch_batches(split.labels, recipe.batch_size, self.data_rng,
+                                            self.holdout):
+            images = split.images[index]
+            if recipe.augment:
+                images = augment(images, self.augment_rng, recipe.augment)
+            yield images, split.labels[index], numbers
+
+
+def train(model: Net, train_split: Split, test_split: Split, recipe: Recipe = Recipe(), *,
+          progress: bool = True, log=print, on_epoch=None, stop_requested=None) -> list[dict]:
+    """Adam with a one-cycle schedule; fresh order, numbers and distortions every epoch.
+
+    After each epoch, `log` gets the test line and `on_epoch` the history so far. Returns one
+    dict per epoch: `epoch`, `train_seconds`, `precision`, `train_loss` (the loss of the
+    training batches' answers, averaged over the epoch) and `evaluate(...).summary()`.
+    `stop_requested`: checked after every step; once it returns True, training raises
+    KeyboardInterrupt there, between two steps (the command line's Ctrl-C).
+    """
+    if test_split.numbers is None:  # found now, not after the first epoch
+        raise ValueError("the test split needs fixed numbers: use load_split(train=False)")
+    device = train_split.images.device
+    precision = choose_precision(recipe.precision, device)
+    model.to(device, memory_format=torch.channels_last)  # about 1.4x faster convolutions on CPU
+    data = TrainingData(train_split, recipe)
+    optimizer, schedule = one_cycle_adam(model.parameter_groups(recipe.lr), recipe.epochs * len(data))
+    history = []
+    for epoch in range(1, recipe.epochs + 1):
+        model.train()
+        started = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)  # stays on the device: no sync per step
+        with progress_bar(len(data), f"Epoch {epoch}/{recipe.epochs}", disable=not progress) as bar:
+            for step, (images, labels, numbers) in zip(bar, data.epoch()):
+                loss_sum += train_step(model, optimizer, images, labels, numbers, precision) * len(labels)
+                schedule.step()
+                if stop_requested is not None and stop_requested():
+                    raise KeyboardInterrupt
+                if step % 50 == 49 or step == len(data) - 1:  # .item() waits for the device
+                    seen = min(len(train_split), (step + 1) * recipe.batch_size)
+                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}")
+        sync(device)
+        seconds = time.perf_counter() - started
+        result = evaluate(model, test_split, precision)
+        history.append({"epoch": epoch, "train_seconds": seconds, "precision": precision,
+                        "train_loss": loss_sum.item() / len(train_split), **result.summary()})
+        if log:
+            log(result.test_line())
+        if on_epoch:
+            on_epoch(history)
+    return history
+
+
+def train_sum_head(kind: str, digit_logits: torch.Tensor, labels: torch.Tensor,
+                   recipe: Recipe = Recipe(epochs=2), sum_classes: torch.Tensor | None = None) -> SumHead:
+    """A fresh sum head of `kind`, trained alone on the frozen digit logits of a trained network.
+
+    The same loss, optimizer and schedule as `train` (and `recipe.holdout`), in seconds rather
+    than minutes, because no convolution runs. `sum_classes` [19], if given, is the class each
+    true sum is taught as: a permutation scrambles the labels.
+    """
+    torch.manual_seed(recipe.seed)
+    head = make_sum_head(kind).to(digit_logits.device).train()
+    generator = torch.Generator().manual_seed(recipe.seed)
+    holdout = None if recipe.holdout is None else pairs_table(recipe.holdout)
+    optimizer, schedule = one_cycle_adam(parameter_groups(recipe.lr, head),
+                                         recipe.epochs * math.ceil(len(labels) / recipe.batch_size))
+    for _ in range(recipe.epochs):
+        for index, numbers in epoch_batches(labels, recipe.batch_size, generator, holdout):
+            sums = labels[index] + numbers
+            targets = sums if sum_classes is None else sum_classes.to(sums.device)[sums]
+            loss = head.loss(digit_logits[index], as_one_hot(numbers), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return head.eval()
+
+
+# ----------------------------------------------------------------------------- reading your own pictures
+
+def _as_channels_first(image) -> torch.Tensor:
+    """A PIL image, NumPy array [H, W(, C)] or tensor [(C, )H, W] as a tensor [C, H, W]."""
+    if hasattr(image, "getbands"):  # a PIL image: keep transparency, drop palettes and CMYK
+        has_alpha = "A" in image.getbands() or "transparency" in image.info
+        image = np.asarray(image.convert("RGBA") if has_alpha else
+                           image if image.mode in ("L", "RGB") else image.convert("RGB"))
     if isinstance(image, np.ndarray):
         if image.dtype == object or image.dtype.kind not in "uif":
             raise TypeError(f"image array must hold numbers, got dtype {image.dtype}")
@@ -678,32 +906,43 @@ def _intensities(image) -> torch.Tensor:
     if image.dtype == torch.bool or image.is_complex():
         raise TypeError(f"image must hold intensities, got dtype {image.dtype}")
     shape = list(image.shape)
-    if image.dim() == 2:
-        image = image[None]
+    image = image[None] if image.dim() == 2 else image
     if image.dim() != 3 or image.shape[0] not in (1, 3, 4):
         raise ValueError(f"expected one grayscale or colour picture: [H, W], [C, H, W] for a tensor "
                          f"or [H, W, C] for an array, with C 1, 3 or 4; got shape {shape}")
     if image.shape[1] < 1 or image.shape[2] < 1:
         raise ValueError(f"the image is empty (shape {shape})")
-    if image.is_floating_point():
-        if not torch.isfinite(image).all():
-            raise ValueError("image has NaN or infinite pixels")
-        low, high = float(image.min()), float(image.max())
-        if low < 0 or high > 1:
-            raise ValueError(f"float images must hold raw intensities in [0, 1], got values in "
-                             f"[{low:.3g}, {high:.3g}] (pass uint8 0..255, or divide by 255; "
-                             f"do not normalize)")
-        image = image.float()
-    else:
+    return image
+
+
+def _as_unit_range(image: torch.Tensor) -> torch.Tensor:
+    """Float intensities in [0, 1] from uint8-style 0..255 integers or floats already in [0, 1]."""
+    if not image.is_floating_point():
         if image.min() < 0 or image.max() > 255:
             raise ValueError("integer images must hold intensities in 0..255")
-        image = image.float() / 255
+        return image.float() / 255
+    if not torch.isfinite(image).all():
+        raise ValueError("image has NaN or infinite pixels")
+    low, high = float(image.min()), float(image.max())
+    if low < 0 or high > 1:
+        raise ValueError(f"float images must hold raw intensities in [0, 1], got values in "
+                         f"[{low:.3g}, {high:.3g}] (pass uint8 0..255, or divide by 255; "
+                         f"do not normalize)")
+    return image.float()
+
+
+def _intensities(image) -> torch.Tensor:
+    """Any picture as grayscale intensities [H, W] in [0, 1]; transparent areas become white."""
+    image = _as_unit_range(_as_channels_first(image))
     if image.shape[0] == 4:  # composite over white paper
         alpha = image[3:]
         image = image[:3] * alpha + (1 - alpha)
     if image.shape[0] == 3:
         image = (torch.tensor([0.299, 0.587, 0.114])[:, None, None] * image).sum(0, keepdim=True)
     return image[0]
+
+WORKING_SIZE = 112  # larger pictures are first shrunk to this (antialiased): it averages out noise
+DIGIT_BOX, FRAME = 20, 28  # MNIST fits each digit into 20 x 20, then centres it in 28 x 28
 
 
 def _shrink(image: torch.Tensor, longest: int) -> torch.Tensor:
@@ -768,8 +1007,7 @@ def preparation_steps(image) -> dict[str, torch.Tensor]:
     neighbours = F.avg_pool2d(inked.float()[None, None], 3, stride=1, padding=1)[0, 0] * 9 - 1
     kept = inked & (neighbours >= 2)
     rows, cols = kept.any(1).nonzero().flatten(), kept.any(0).nonzero().flatten()
-    cropped = ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-    steps["cropped"] = cropped
+    steps["cropped"] = cropped = ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
     # 6. Fit the longer side into 20 px, then put the centre of mass at the centre of 28 x 28.
     fitted = _shrink(cropped, DIGIT_BOX)
     mass = fitted.sum()
@@ -805,12 +1043,12 @@ def prepare_image(image) -> torch.Tensor:
 
     An MNIST image is already in this form and comes back nearly unchanged.
     """
-    return normalize(preparation_steps(image)["framed"])
+    return network_input(preparation_steps(image)["framed"])
 
 
-def normalize(intensities: torch.Tensor) -> torch.Tensor:
-    """A [28, 28] picture of intensities in [0, 1] as the network's input [1, 28, 28]."""
-    return ((intensities - MNIST_MEAN) / MNIST_STD)[None]
+def network_input(framed: torch.Tensor) -> torch.Tensor:
+    """A framed [28, 28] picture, intensities in [0, 1] with ink bright, as `Net`'s input [1, 28, 28]."""
+    return normalize(framed)[None]
 
 
 def _as_number(number) -> int:
@@ -865,51 +1103,11 @@ def predict(model: Net, image, number) -> tuple[int, int]:
     return int(digits[0]), int(sums[0])
 
 
-FONT_FILES = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf",
-              "DejaVuSansMono.ttf", "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf",
-              "DejaVuSerif-Italic.ttf", "STIXGeneral.ttf", "STIXGeneralItalic.ttf",
-              "STIXGeneralBol.ttf", "cmr10.ttf", "cmss10.ttf", "cmtt10.ttf", "cmb10.ttf")
-
-
-def font_digits(count: int = 500, seed: int = 0) -> tuple[list, torch.Tensor]:
-    """Digits that are not MNIST: (PIL pictures, labels), dark ink on light paper.
-
-    Each is printed in one of the fonts matplotlib ships, on a square picture of 64 to 200 px,
-    with a random size, stroke width, slant, position, paper and ink brightness, a brightness
-    gradient across the paper and pixel noise. The digits cycle 0..9.
-    """
-    import matplotlib
-    from PIL import Image, ImageDraw, ImageFont
-    folder = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
-    rng = np.random.default_rng(seed)
-    pictures = []
-    for index in range(count):
-        side = int(rng.integers(64, 201))
-        font = ImageFont.truetype(str(folder / FONT_FILES[rng.integers(len(FONT_FILES))]),
-                                  int(side * rng.uniform(0.4, 0.75)))
-        glyph = Image.new("L", (2 * side, 2 * side), 0)
-        ImageDraw.Draw(glyph).text((side, side), str(index % NUM_DIGITS), fill=255, font=font,
-                                   anchor="mm", stroke_width=int(rng.integers(0, side // 40 + 1)),
-                                   stroke_fill=255)
-        slant = rng.uniform(-0.25, 0.25)
-        glyph = glyph.transform(glyph.size, Image.Transform.AFFINE, (1, slant, -slant * side, 0, 1, 0),
-                                resample=Image.Resampling.BILINEAR)
-        left, top = (side // 2 + rng.integers(-side // 6, side // 6 + 1, size=2)).tolist()
-        ink = np.asarray(glyph.crop((left, top, left + side, top + side)), dtype=np.float32) / 255
-        ramp = np.linspace(0, 1, side, dtype=np.float32)
-        light = 1 - rng.uniform(0, 0.3) * (ramp[None, :] if rng.random() < 0.5 else ramp[:, None])
-        paper = rng.uniform(0.6, 1.0) * light
-        page = paper * (1 - ink) + rng.uniform(0, 0.3) * ink
-        page = page + rng.normal(0, 0.03, page.shape).astype(np.float32)
-        pictures.append(Image.fromarray((255 * page.clip(0, 1)).round().astype(np.uint8)))
-    return pictures, torch.arange(count) % NUM_DIGITS
-
-
 def naive_image(picture) -> torch.Tensor:
     """The naive way to feed a picture: inverted to light-on-dark and squashed to 28 x 28."""
     gray = 1 - _intensities(picture)
     resized = F.interpolate(gray[None, None], size=(FRAME, FRAME), mode="bilinear", antialias=True)
-    return normalize(resized[0, 0].clamp(0, 1))
+    return network_input(resized[0, 0].clamp(0, 1))
 
 
 def score_pictures(model: Net, pictures, labels, numbers, prepare=prepare_image) -> float:
@@ -919,9 +1117,14 @@ def score_pictures(model: Net, pictures, labels, numbers, prepare=prepare_image)
     return float(right.float().mean())
 
 
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 CHECKPOINT_FORMAT = "mnist-digit-plus-number"
+CHECKPOINT_VERSION = 2  # 2: the digit reader and the sum head are submodules of Net
+V1_SUM_HEAD_NAMES = ("digit_position", "number_position", "sum_position", "log_sharpness",
+                     "fc1.", "fc2.")
 
 
 class CheckpointError(ValueError):
@@ -931,8 +1134,8 @@ class CheckpointError(ValueError):
 def save_checkpoint(model: Net, path, **metadata) -> None:
     """Weights and what is needed to use them; atomic, so a failed save keeps the old file."""
     path = Path(path)
-    checkpoint = {"format": CHECKPOINT_FORMAT, "version": 1, "config": model.config(),
-                  "digit_classes": NUM_DIGITS, "sum_classes": NUM_SUMS,
+    checkpoint = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                  "config": model.config(), "digit_classes": NUM_DIGITS, "sum_classes": NUM_SUMS,
                   "normalization": {"mean": MNIST_MEAN, "std": MNIST_STD},
                   "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                   "metadata": metadata}
@@ -949,8 +1152,21 @@ def save_checkpoint(model: Net, path, **metadata) -> None:
         raise
 
 
+def _current_state_dict(checkpoint: dict, path: Path) -> dict:
+    """The checkpoint's weights under today's names; version 1 named them without submodules."""
+    version = checkpoint.get("version")
+    if version == CHECKPOINT_VERSION:
+        return checkpoint["state_dict"]
+    if version == 1:
+        return {(f"sum_head.{name}" if name.startswith(V1_SUM_HEAD_NAMES) else
+                 f"digit_reader.{name}"): value for name, value in checkpoint["state_dict"].items()}
+    raise CheckpointError(f"'{path}' is a checkpoint of version {version!r}, and this helpers.py "
+                          f"reads versions 1 to {CHECKPOINT_VERSION}: update helpers.py, or retrain "
+                          f"with `python helpers.py train`")
+
+
 def load_checkpoint(path, device="cpu") -> Net:
-    """The model saved by `save_checkpoint`, in eval mode on `device`."""
+    """The model saved by `save_checkpoint` (any version so far), in eval mode on `device`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at '{path}'")
@@ -963,23 +1179,26 @@ def load_checkpoint(path, device="cpu") -> Net:
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"'{path}' is not a checkpoint of this project "
                               f"(expected format {CHECKPOINT_FORMAT!r})")
+    state_dict = _current_state_dict(checkpoint, path)
     if (checkpoint["digit_classes"], checkpoint["sum_classes"]) != (NUM_DIGITS, NUM_SUMS) \
             or checkpoint["normalization"] != {"mean": MNIST_MEAN, "std": MNIST_STD}:
         raise CheckpointError(f"'{path}' was saved for other classes or normalization")
     model = Net(**checkpoint["config"])
     try:
-        model.load_state_dict(checkpoint["state_dict"])
+        model.load_state_dict(state_dict)
     except RuntimeError as error:
         raise CheckpointError(f"'{path}' has weights that do not fit the model: {error}") from None
     return model.to(device).eval()
 
 
-# ----------------------------------------------------------------------------- pictures
+# ----------------------------------------------------------------------------- plots
 
 def layer_shapes(model: Net, images: torch.Tensor, numbers: torch.Tensor) -> list[tuple]:
-    """(layer, output shape, parameters) for each layer, from a real forward pass."""
+    """(layer, output shape, parameters) for each layer of the digit reader and for the sum
+    head, from a real forward pass; the parameters add up to the model's."""
+    layers = [*model.digit_reader.named_children(), ("sum_head", model.sum_head)]
     rows, hooks = [], []
-    for name, module in model.named_children():
+    for name, module in layers:
         if isinstance(module, nn.Identity):
             continue
         params = sum(p.numel() for p in module.parameters())
@@ -1007,26 +1226,35 @@ def _grid(count, columns, size=1.5, title_lines=1):
 
 def _finish(figure):
     import matplotlib.pyplot as plt
-    figure.tight_layout()
+    if not figure.get_constrained_layout():
+        figure.tight_layout()
     plt.show()
 
 
 def _show(axis, image, title, color="black"):
     image = image.squeeze().cpu()
-    image = image / 255 if image.dtype == torch.uint8 else image * MNIST_STD + MNIST_MEAN
+    image = image / 255 if image.dtype == torch.uint8 else denormalize(image)
     axis.imshow(image, cmap="gray", vmin=0, vmax=1)
     axis.set_title(title, fontsize=10, color=color)
 
 
-def show_examples(images, labels, numbers, sums, columns=8) -> list[str]:
-    """Draws the images titled `digit + number = sum` and returns the titles."""
-    titles = [f"{int(label)} + {int(number)} = {int(total)}"
-              for label, number, total in zip(labels, numbers, sums)]
-    figure, axes = _grid(len(titles), columns)
-    for axis, image, title in zip(axes, images, titles):
-        _show(axis, image, title)
+def show_examples(images, labels, numbers, sums, columns=8):
+    """Draws the images titled `digit + number = sum`."""
+    figure, axes = _grid(len(images), columns)
+    for axis, image, label, number, total in zip(axes, images, labels, numbers, sums):
+        _show(axis, image, f"{int(label)} + {int(number)} = {int(total)}")
     _finish(figure)
-    return titles
+
+
+def show_predictions(images, numbers, answers, truths, columns=8):
+    """The model's (digit, sum) `answers` over each picture, and under them the true digit;
+    a wrong answer in red."""
+    figure, axes = _grid(len(images), columns, size=1.6, title_lines=2)
+    for axis, image, number, (digit, total), truth in zip(axes, images, numbers, answers, truths):
+        wrong = (digit, total) != (int(truth), int(truth) + int(number))
+        _show(axis, torch.as_tensor(np.asarray(image)), f"said {digit} + {number} = {total}\n"
+              f"(it shows a {int(truth)})", color="firebrick" if wrong else "black")
+    _finish(figure)
 
 
 def plot_frequencies(numbers: torch.Tensor, sums: torch.Tensor, title=""):
@@ -1042,15 +1270,19 @@ def plot_frequencies(numbers: torch.Tensor, sums: torch.Tensor, title=""):
 
 
 def plot_history(history: list[dict]):
-    """Loss and both accuracies per epoch."""
+    """Loss and both accuracies per epoch. Both loss lines are `loss_fn`, the mean cross-entropy
+    of the two answers: over the epoch's training batches (distorted, in training mode) and on
+    the test split at the end of the epoch."""
     import matplotlib.pyplot as plt
     epochs = [record["epoch"] for record in history]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.5))
-    left.plot(epochs, [r["train_loss"] for r in history], "o-", label="train (average over epoch)")
-    left.plot(epochs, [r["loss"] for r in history], "o-", label="test")
-    left.set(xlabel="epoch", ylabel="loss (mean of both heads)", yscale="log", title="Loss")
-    for key, label in (("digit_acc", "digit"), ("sum_acc", "sum"), ("both_acc", "both correct")):
-        right.plot(epochs, [100 * r[key] for r in history], "o-", label=label)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6))
+    left.plot(epochs, [r["train_loss"] for r in history], "o-", label="training batches, mean over the epoch")
+    left.plot(epochs, [r["loss"] for r in history], "s-", label="test split, end of the epoch")
+    left.set(xlabel="epoch", ylabel="mean cross-entropy of the two answers", yscale="log",
+             title="Loss")
+    for key, label, marker in (("digit_acc", "digit", "o-"), ("sum_acc", "sum", "s--"),
+                               ("both_acc", "both correct", "^:")):
+        right.plot(epochs, [100 * r[key] for r in history], marker, label=label)
     right.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
     for axis in (left, right):
         axis.set_xticks(epochs)
@@ -1060,155 +1292,154 @@ def plot_history(history: list[dict]):
 
 
 def plot_confusions(result: Evaluation):
-    """Digit and sum confusion matrices; the color scale is logarithmic so mistakes show."""
+    """Digit and sum confusion matrices in equal panels, on one logarithmic colour scale so
+    that single mistakes show; empty cells are left white."""
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
-    figure, axes = plt.subplots(1, 2, figsize=(13, 5.5), width_ratios=[10, 19])
-    for axis, matrix, name in ((axes[0], result.digit_confusion, "digit"),
-                               (axes[1], result.sum_confusion, "sum")):
+    figure, axes = plt.subplots(1, 2, figsize=(12, 5.6), layout="constrained")
+    matrices = {"digit": result.digit_confusion, "sum": result.sum_confusion}
+    scale = LogNorm(vmin=1, vmax=max(int(m.max()) for m in matrices.values()))
+    for axis, (name, matrix) in zip(axes, matrices.items()):
         shown = matrix.float().clone()
         shown[shown == 0] = float("nan")
-        image = axis.imshow(shown, cmap="viridis", norm=LogNorm(vmin=1, vmax=matrix.max()))
-        size = len(matrix)
-        axis.set_xticks(range(size))
-        axis.set_yticks(range(size))
-        axis.tick_params(labelsize=8)
+        image = axis.imshow(shown, cmap="viridis", norm=scale)
+        axis.set_xticks(range(len(matrix)))
+        axis.set_yticks(range(len(matrix)))
+        axis.tick_params(labelsize=9 if len(matrix) > NUM_DIGITS else 10)
         axis.set(xlabel=f"predicted {name}", ylabel=f"true {name}",
-                 title=f"{name.capitalize()} confusion ({int(matrix.sum() - matrix.trace())} errors)")
-        figure.colorbar(image, ax=axis, shrink=0.7, label="count (log scale)")
-    _finish(figure)
-
-
-def plot_per_number(per_number: list[float], title="Sum accuracy for each random number"):
-    import matplotlib.pyplot as plt
-    figure, axis = plt.subplots(figsize=(7, 3.2))
-    accuracy = [100 * a for a in per_number]
-    axis.bar(range(NUM_DIGITS), accuracy)
-    axis.set_ylim(min(accuracy) - 0.5, 100)
-    axis.set_xticks(range(NUM_DIGITS))
-    axis.set(xlabel="random number", ylabel="sum accuracy (%)", title=title)
-    for number, value in enumerate(accuracy):
-        axis.text(number, value + 0.03, f"{value:.2f}", ha="center", fontsize=8)
+                 title=f"{name.capitalize()}: {int(matrix.sum() - matrix.trace())} errors")
+    figure.colorbar(image, ax=list(axes), shrink=0.75, label="test images (log scale)")
     _finish(figure)
 
 
 def show_mistakes(split: Split, result: Evaluation, count=16, columns=8):
-    """Test images where either head is wrong: truth in black, the model's answer in red."""
+    """Test images where either head is wrong: the truth, then the model's answer."""
     wrong = ((result.digit_pred != split.labels.cpu()) | (result.sum_pred != split.sums.cpu()))
     index = wrong.nonzero().flatten()[:count]
     figure, axes = _grid(len(index), columns, size=1.7, title_lines=2)
     for axis, i in zip(axes, index.tolist()):
         number = int(split.numbers[i])
         _show(axis, split.images[i],
-              f"{int(split.labels[i])}+{number}={int(split.sums[i])}\n"
-              f"said {int(result.digit_pred[i])}, {int(result.sum_pred[i])}", color="firebrick")
-    figure.suptitle(f"First {len(index)} of {int(wrong.sum())} test pairs with a wrong answer "
-                    "(top: truth; bottom: predicted digit, sum)")
+              f"true {int(split.labels[i])}+{number}={int(split.sums[i])}\n"
+              f"said {int(result.digit_pred[i])}+{number}={int(result.sum_pred[i])}", color="firebrick")
+    figure.suptitle(f"First {len(index)} of {int(wrong.sum())} test pairs with a wrong answer")
     _finish(figure)
 
 
 def plot_pair_accuracy(per_pair_grids: dict, held_out=HOLDOUT_PAIRS):
-    """Sum accuracy for every (digit, number) cell; held-out pairs outlined in red."""
+    """Sum accuracy for every (digit, number) cell, one panel per head; the held-out pairs
+    are outlined."""
     import matplotlib.pyplot as plt
-    figure, axes = plt.subplots(1, len(per_pair_grids), figsize=(6 * len(per_pair_grids), 5.2),
-                                squeeze=False)
+    figure, axes = plt.subplots(1, len(per_pair_grids), figsize=(6 * len(per_pair_grids), 5.4),
+                                squeeze=False, layout="constrained")
     for axis, (title, grid) in zip(axes.flat, per_pair_grids.items()):
-        image = axis.imshow(100 * grid, cmap="RdYlGn", vmin=0, vmax=100)
-        for digit in range(NUM_DIGITS):
-            for number in range(NUM_DIGITS):
-                value = 100 * float(grid[digit, number])
-                axis.text(number, digit, f"{value:.0f}", ha="center", va="center", fontsize=7)
+        image = axis.imshow(100 * grid, cmap="cividis", vmin=0, vmax=100)
+        for (digit, number), value in np.ndenumerate(100 * grid.numpy()):
+            axis.text(number, digit, f"{value:.0f}", ha="center", va="center", fontsize=9,
+                      color="white" if value < 60 else "black")
         for digit, number in held_out:
-            axis.add_patch(plt.Rectangle((number - 0.5, digit - 0.5), 1, 1, fill=False,
-                                         edgecolor="red", linewidth=2.5))
+            axis.add_patch(plt.Rectangle((number - 0.45, digit - 0.45), 0.9, 0.9, fill=False,
+                                         edgecolor="orangered", linewidth=2.5))
         axis.set_xticks(range(NUM_DIGITS))
         axis.set_yticks(range(NUM_DIGITS))
         axis.set(xlabel="random number", ylabel="digit in the image", title=title)
-        figure.colorbar(image, ax=axis, shrink=0.8, label="sum accuracy (%)")
+    figure.colorbar(image, ax=list(axes.flat), shrink=0.8, label="sum accuracy (%)")
+    figure.suptitle("Sum accuracy per (digit, number) pair; outlined: the pairs held out of training")
     _finish(figure)
 
 
-def plot_number_line(model: Net, title="What the sum head learned"):
-    """The positions a line head ("adder" or "number_line") learned for each digit, number, sum."""
+def plot_number_line(head: SumHead, title="What the sum head learned"):
+    """The positions a line head (the adder, the number line) learned for each digit, number and sum."""
     import matplotlib.pyplot as plt
-    if model.sum_head_input not in LINE_HEADS:
-        raise ValueError(f"only a Net with sum_head in {LINE_HEADS} has learned positions")
+    if not isinstance(head, LineHead):
+        raise ValueError(f"a {type(head).__name__} has no learned positions to plot")
     figure, axis = plt.subplots(figsize=(11, 3))
-    rows = (("digit", model.digit_position, 2), ("number", model.number_position, 1),
-            ("sum", model.sum_position, 0))
-    for _, positions, row in rows:
-        positions = positions.detach().cpu()
-        axis.scatter(positions, [row] * len(positions), s=12)
+    rows = list(head.learned_positions().items())[::-1]  # sums at the bottom, digits on top
+    for row, (_, positions) in enumerate(rows):
+        axis.scatter(positions, [row] * len(positions), s=14)
         for value, position in enumerate(positions.tolist()):
             axis.annotate(str(value), (position, row), textcoords="offset points", xytext=(0, 6),
-                          ha="center", fontsize=8)
-    axis.set_yticks([row for _, _, row in rows], [name for name, _, _ in rows])
-    axis.set_ylim(-0.6, 2.6)
-    axis.set(xlabel="learned position",
-             title=f"{title} (no order was given: positions started at random)")
+                          ha="center", fontsize=9)
+    axis.set_yticks(range(len(rows)), [name for name, _ in rows])
+    axis.set_ylim(-0.6, len(rows) - 0.4)
+    axis.set(xlabel="learned position", title=f"{title} (positions started at random)")
     axis.grid(axis="x", alpha=0.3)
     _finish(figure)
 
 
-def plot_holdout_sweep(results: dict[str, dict[int, float]]):
-    """Accuracy on unseen pairs against how many of the 100 pairs were held out, per head."""
+def plot_holdout_sweep(sweep: dict[str, dict[int, dict]], evidence: dict[int, dict]):
+    """Left: each head's sum accuracy (`split_by_pairs`) on held-out pairs (solid) and on seen
+    pairs (dashed) against how many of the 100 pairs were held out. Right: what the seen pairs
+    tell a line (`line_evidence` for each count)."""
     import matplotlib.pyplot as plt
-    figure, axis = plt.subplots(figsize=(7, 3.6))
-    for name, by_count in results.items():
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    for (name, by_count), colour in zip(sweep.items(), ("tab:blue", "tab:orange")):
         counts = sorted(by_count)
-        axis.plot(counts, [100 * by_count[k] for k in counts], "o-", label=name)
-    axis.set_xticks(counts)
-    axis.set_ylim(-3, 103)
-    axis.set(xlabel="pairs held out of training (of 100)", ylabel="sum accuracy on them (%)",
-             title="How many pairs must a sum head see?")
-    axis.grid(alpha=0.3)
-    axis.legend()
+        for key, style, part in (("held_out_acc", "o-", "held out"), ("seen_acc", "s--", "seen")):
+            left.plot(counts, [100 * by_count[k][key] for k in counts], style, color=colour,
+                      label=f"{name}, {part} pairs")
+    left.set(xlabel="pairs held out of training (of 100)", ylabel="sum accuracy (%)",
+             ylim=(-3, 103), title="Accuracy on the pairs held out, and on the rest")
+    evidence = [evidence[k] for k in counts]
+    right.plot(counts, [e["equations"] for e in evidence], "o-", label="independent equations")
+    right.axhline(evidence[0]["needed"], color="gray", linestyle=":", label="needed to fix every position")
+    right.bar(counts, [e["unseen_sums"] for e in evidence], width=4, color="tab:red", alpha=0.6,
+              label="sums never seen in training")
+    right.set(xlabel="pairs held out of training (of 100)", ylabel="count",
+              title="What the seen pairs tell the line")
+    for axis in (left, right):
+        axis.set_xticks(counts)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=9)
     _finish(figure)
 
 
 def show_preparation(model: Net, picture, number: int):
-    """`prepare_image`'s steps on one picture, and the model's answer; returns (digit, sum)."""
+    """`prepare_image`'s steps on one picture, in equal panels, and the model's answer;
+    returns (digit, sum)."""
     steps = preparation_steps(picture)
-    digits, sums = predict_batch(model, [steps["framed"]], [number], prepare=normalize)
+    digits, sums = predict_batch(model, [steps["framed"]], [number], prepare=network_input)
     digit, total = int(digits[0]), int(sums[0])
-    titles = {"picture": f"picture, {tuple(steps['picture'].shape)} px",
+    titles = {"picture": f"picture, {steps['picture'].shape[1]} x {steps['picture'].shape[0]} px",
               "ink": "ink found (inverted)", "cropped": "cropped to the ink",
-              "framed": f"framed 28 x 28: {digit} + {number} = {total}"}
-    figure, axes = _grid(4, 4, size=2.4)
+              "framed": f"framed 28 x 28:\nsaid {digit} + {number} = {total}"}
+    figure, axes = _grid(len(steps), len(steps), size=2.6, title_lines=1)
     for axis, (name, image) in zip(axes, steps.items()):
-        axis.imshow(image, cmap="gray", vmin=0, vmax=1)
-        axis.set_title(titles[name], fontsize=9)
+        side = max(image.shape)  # pad to a square, so every panel is the same size
+        square = torch.full((side, side), float(image.median() if name == "picture" else 0))
+        top, left = (side - image.shape[0]) // 2, (side - image.shape[1]) // 2
+        square[top:top + image.shape[0], left:left + image.shape[1]] = image
+        axis.imshow(square, cmap="gray", vmin=0, vmax=1)
+        axis.set_title(titles.get(name, name), fontsize=11)
     _finish(figure)
     return digit, total
 
 
 # ----------------------------------------------------------------------------- benchmark
 
-def reference_loader(mnist: Dataset, batch_size: int = 32, seed: int = 0, workers: int = 0):
+def reference_loader(mnist: Dataset, batch_size: int = REFERENCE_BATCH_SIZE, seed: int = 0,
+                     workers: int = 0):
     """The reference pipeline: the per-sample Dataset behind a shuffling DataLoader."""
     return DataLoader(DigitPlusNumber(mnist, seed), batch_size=batch_size, shuffle=True,
                       num_workers=workers, generator=torch.Generator().manual_seed(seed))
 
 
-def reference_batches(mnist: Dataset, device, batch_size: int = 32, seed: int = 0):
+def reference_batches(mnist: Dataset, device, seed: int = 0):
     """Endless (images, labels, numbers) batches from the reference pipeline, on `device`."""
-    loader = reference_loader(mnist, batch_size, seed, workers=2 if device.type == "cuda" else 0)
+    loader = reference_loader(mnist, seed=seed, workers=2 if device.type == "cuda" else 0)
     while True:
         for images, labels, one_hot, _ in loader:
             yield images.to(device), labels.to(device), one_hot.argmax(1).to(device)
 
 
-def in_memory_batches(split: Split, batch_size: int, seed: int = 0):
-    """Endless random batches taken by index from a split held in memory, as `train` does."""
-    generator = torch.Generator().manual_seed(seed)
-    numbers = draw_training_numbers(split.labels, generator).to(split.images.device)
+def in_memory_batches(split: Split, recipe: Recipe):
+    """Endless (images, labels, numbers) batches, exactly as `train` takes them."""
+    data = TrainingData(split, recipe)
     while True:
-        index = torch.randint(0, len(split), (batch_size,), generator=generator)
-        index = index.to(split.images.device)
-        yield split.images[index], split.labels[index], numbers[index]
+        yield from data.epoch()
 
 
-def images_per_second(model: Net, optimizer, batches, steps: int, precision: str = "fp32"):
+def images_per_second(model: Net, optimizer, batches, steps: int, precision: str):
     """Training throughput over `steps` steps after 3 warm-up steps: (images/s, warm-up seconds)."""
     device = next(model.parameters()).device
     timings = []
@@ -1240,80 +1471,99 @@ def seconds_to_99(history: list[dict]) -> float | None:
     return None
 
 
-SHORT_SCHEDULE_IMAGES = 40_000
-
-
-def benchmark(device, root=None, steps: int = 200, epochs: int = 1, batch_size: int = 128,
-              lr: float = 0.01, seed: int = 0, reference_epochs: int = 5, precision: str = "auto",
-              short_images: int | None = SHORT_SCHEDULE_IMAGES, log=print) -> dict:
-    """Training speed on one device, measured side by side in one run.
-
-    1. Throughput of our Net and Adam fed three ways: the reference's per-sample Dataset and
-       DataLoader at batch 32 (fp32), and our in-memory batches of `batch_size` in fp32 and in
-       bf16 (bf16 on the CPU only).
-    2. The reference recipe (no BatchNorm, logits head, SGD 0.01 momentum 0.9, batch 32, fp32):
-       its throughput, and so its time to 99 %, taken as `reference_epochs` epochs (the count
-       measured for it on a GPU).
-    3. Our default recipe for `epochs` epochs at `precision`, and its time to 99 %; then the
-       same on only the first `short_images` training images (None: skip), a shorter schedule
-       that still reached 99 % on both heads with seeds 0, 1 and 2.
-    """
-    log = log or (lambda line: None)
-    mnist, train_split = load_mnist(True, root), load_split(True, device, root)
-    test_split = load_split(False, device, root)
-    log(f"machine: {describe_machine(device)}")
-
-    precisions = ["fp32", "bf16"] if device.type == "cpu" else ["fp32"]
-    model = seeded_net(device, seed)
-    rates = {"reference pipeline": images_per_second(
-        model, torch.optim.Adam(model.parameters(), lr=lr),
-        reference_batches(mnist, device, seed=seed), steps)[0]}
-    log(f"reference pipeline (Dataset + DataLoader, batch 32, fp32): "
-        f"{rates['reference pipeline']:6.0f} images/s")
-    warm_up = 0.0
-    for precision in precisions:
-        model = seeded_net(device, seed)
-        rate, warm = images_per_second(model, torch.optim.Adam(model.parameters(), lr=lr),
-                                       in_memory_batches(train_split, batch_size, seed),
-                                       max(1, steps * 32 // batch_size), precision)
-        rates[f"ours {precision}"], warm_up = rate, max(warm_up, warm)
-        log(f"our pipeline (tensors in memory, batch {batch_size}, {precision}): {rate:6.0f} images/s"
-            f" = {rate / rates['reference pipeline']:.2f}x the reference pipeline")
+def pipeline_rates(mnist: Dataset, train_split: Split, recipe: Recipe, steps: int, log) -> dict:
+    """Images/s of our Net and Adam fed several ways, each from the same seeded start: the
+    reference's per-sample Dataset and DataLoader (batch 32, fp32), and our in-memory batches
+    in fp32 and bf16 (bf16 on the CPU only), then with augmentation at the recipe's precision.
+    Also `warm_up`: the longest time of the first 3 steps."""
+    device = train_split.images.device
+    plain, ours = replace(recipe, augment=0.0), max(1, steps * REFERENCE_BATCH_SIZE // recipe.batch_size)
+    feeds = [("reference pipeline", "fp32", reference_batches(mnist, device, recipe.seed), steps)]
+    for feed_precision in ("fp32", "bf16") if device.type == "cpu" else ("fp32",):
+        feeds.append((f"ours {feed_precision}", feed_precision, in_memory_batches(train_split, plain), ours))
+    feeds.append((f"ours {recipe.precision} + augmentation", recipe.precision,
+                  in_memory_batches(train_split, replace(recipe, augment=recipe.augment or 1.0)), ours))
+    rates, warm_ups = {}, []
+    for name, feed_precision, batches, count in feeds:
+        model = seeded_net(device, recipe.seed)
+        optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
+        rates[name], warm = images_per_second(model, optimizer, batches, count, feed_precision)
+        warm_ups.append(warm)
+        log(f"{name:30} {rates[name]:6.0f} images/s "
+            f"({rates[name] / rates['reference pipeline']:.2f}x the reference pipeline)")
     if "ours bf16" in rates:
         log(f"bf16 / fp32: {rates['ours bf16'] / rates['ours fp32']:.2f}x"
             + ("" if has_native_bf16() else " (this CPU emulates bf16)"))
-    log(f"one-time warm-up (first 3 steps): {warm_up:.2f} s")
+    log(f"one-time warm-up (first 3 steps): {max(warm_ups):.2f} s")
+    return {"images_per_s": rates, "warm_up_seconds": max(warm_ups)}
 
+
+def reference_recipe_seconds(mnist: Dataset, device, seed: int, steps: int, log) -> dict:
+    """The reference recipe's images/s (no BatchNorm, the logits head, SGD, batch 32, fp32) and
+    so its time to 99 %, taken as REFERENCE_EPOCHS_TO_99 epochs."""
     model = seeded_net(device, seed, batch_norm=False, sum_head="logits")
-    recipe_rate, _ = images_per_second(
-        model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
-        reference_batches(mnist, device, seed=seed), steps)
-    recipe_to_99 = reference_epochs * len(train_split) / recipe_rate
-    log(f"reference recipe (no BatchNorm, SGD, batch 32, fp32): {recipe_rate:.0f} images/s, so "
-        f"{reference_epochs} epochs to 99 % take about {recipe_to_99:.0f} s")
+    rate, _ = images_per_second(model, torch.optim.SGD(model.parameters(), **REFERENCE_SGD),
+                                reference_batches(mnist, device, seed), steps, "fp32")
+    seconds = REFERENCE_EPOCHS_TO_99 * len(mnist) / rate
+    log(f"reference recipe (no BatchNorm, SGD, batch 32, fp32): {rate:.0f} images/s, so "
+        f"{REFERENCE_EPOCHS_TO_99} epochs to 99 % take about {seconds:.0f} s")
+    return {"reference_recipe_images_per_s": rate, "reference_recipe_seconds_to_99": seconds}
 
-    schedules = {"default settings": len(train_split)}
-    if short_images:
-        schedules[f"the first {short_images:,} images only"] = short_images
-    runs = {}
-    for name, count in schedules.items():
-        history = train(seeded_net(device, seed), train_split.first(count), test_split,
-                        epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                        precision=precision, log=None, progress=False)
-        final, reached = history[-1], seconds_to_99(history)
-        log(f"our recipe, {name} ({epochs} epoch(s), {final['precision']}): "
-            f"{sum(r['train_seconds'] for r in history):.1f} s of training; "
-            f"digit {100 * final['digit_acc']:.2f} %, sum {100 * final['sum_acc']:.2f} %")
-        log("  time to >= 99 % on both heads: "
-            + (f"{reached:.1f} s, {recipe_to_99 / reached:.1f}x faster than the reference recipe"
-               if reached else "not reached"))
-        runs[name] = {"images": count, "seconds_to_99": reached, "history": history}
-    return {"device": describe_machine(device), "images_per_s": rates, "warm_up_seconds": warm_up,
-            "reference_recipe_images_per_s": recipe_rate,
-            "reference_recipe_seconds_to_99": recipe_to_99, "runs": runs}
+
+def recipe_time_to_99(train_split: Split, test_split: Split, recipe: Recipe, reference_seconds,
+                      log) -> dict:
+    """Trains our default model by `recipe` and reports its time to >= 99 % on both heads."""
+    model = seeded_net(train_split.images.device, recipe.seed)
+    history = train(model, train_split, test_split, recipe, log=None, progress=False)
+    final, reached = history[-1], seconds_to_99(history)
+    log(f"our recipe on {len(train_split):,} images ({recipe.epochs} epoch(s), {final['precision']}): "
+        f"{sum(r['train_seconds'] for r in history):.1f} s of training; "
+        f"digit {100 * final['digit_acc']:.2f} %, sum {100 * final['sum_acc']:.2f} %")
+    log("  time to >= 99 % on both heads: "
+        + (f"{reached:.1f} s, {reference_seconds / reached:.1f}x faster than the reference recipe"
+           if reached else "not reached"))
+    return {"images": len(train_split), "seconds_to_99": reached, "history": history}
+
+
+SHORT_SCHEDULE_IMAGES = 40_000  # reached 99 % on both heads in 1 epoch with seeds 0, 1 and 2
+
+
+def benchmark(device, root=None, recipe: Recipe = Recipe(epochs=1), *, steps: int = 200,
+              short_images: int | None = SHORT_SCHEDULE_IMAGES, train_limit: int | None = None,
+              test_limit: int | None = None, log=print) -> dict:
+    """Training speed on one device, measured side by side in one run.
+
+    1. `pipeline_rates`: how fast the same Net trains when fed the reference's way and ours.
+    2. `reference_recipe_seconds`: the reference recipe's speed, and so its time to 99 %.
+    3. `recipe_time_to_99`: our `recipe` (at its precision), on the whole training split and on
+       its first `short_images` images (None: skip).
+    `train_limit` and `test_limit` keep the first images of each split, for a quick check.
+    """
+    log = log or _quiet
+    recipe = replace(recipe, precision=choose_precision(recipe.precision, device))
+    mnist = load_mnist(True, root=root)
+    train_split = load_split(True, root=root, device=device, limit=train_limit)
+    test_split = load_split(False, root=root, device=device, limit=test_limit)
+    log(f"machine: {describe_machine(device)}")
+    result = {"device": describe_machine(device), "precision": recipe.precision,
+              **pipeline_rates(mnist, train_split, recipe, steps, log),
+              **reference_recipe_seconds(mnist, device, recipe.seed, steps, log)}
+    sizes = [len(train_split)] + ([short_images] if short_images else [])
+    result["runs"] = {size: recipe_time_to_99(train_split.first(size), test_split, recipe,
+                                              result["reference_recipe_seconds_to_99"], log)
+                      for size in sizes}
+    return result
 
 
 # ----------------------------------------------------------------------------- command line
+
+def _quiet(*_):
+    """A `log` that prints nothing."""
+
+
+def _to_stderr(line: str):
+    print(line, file=sys.stderr)
+
 
 def positive(kind):
     """An argparse type: a number of `kind` (int or float) above zero, or one clear error."""
@@ -1329,59 +1579,63 @@ def positive(kind):
     return parse
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+def _add_common(command):
+    command.add_argument("--data", default=None, help=f"MNIST folder (default: ${DATA_DIR_ENV} or ./data)")
+    command.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    command.add_argument("--precision", default="auto", choices=PRECISIONS,
+                         help="auto: bf16 on a CPU with native bf16, else fp32")
+    return command
 
-    def add_common(command):
-        command.add_argument("--data", default=None, help=f"MNIST folder (default: ${DATA_DIR_ENV} or ./data)")
-        command.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-        command.add_argument("--precision", default="auto", choices=PRECISIONS,
-                             help="auto: bf16 on a CPU with native bf16, else fp32")
-        return command
 
-    recipe = add_common(commands.add_parser(
+def _add_train(commands):
+    recipe = _add_common(commands.add_parser(
         "train", help="train and save a model",
-        description="Train and save a model. Ctrl-C stops training at once and keeps the model "
-                    "of the last finished epoch (saved to --out); before the first epoch ends "
-                    "nothing is saved."))
-    recipe.add_argument("--epochs", type=positive(int), default=3)
-    recipe.add_argument("--batch-size", type=positive(int), default=128)
-    recipe.add_argument("--lr", type=positive(float), default=0.01)
-    recipe.add_argument("--seed", type=int, default=0)
+        description="Train a model, saving it to --out after every epoch. Ctrl-C stops training "
+                    "at once and keeps the model of the last finished epoch; before the first "
+                    "epoch ends nothing is saved."))
+    recipe.add_argument("--epochs", type=positive(int), default=Recipe.epochs)
+    recipe.add_argument("--batch-size", type=positive(int), default=Recipe.batch_size)
+    recipe.add_argument("--lr", type=positive(float), default=Recipe.lr)
+    recipe.add_argument("--seed", type=int, default=Recipe.seed)
     recipe.add_argument("--limit", type=positive(int), default=None, help="train on the first N images")
     recipe.add_argument("--no-batch-norm", action="store_true", help="the reference-faithful model")
-    recipe.add_argument("--sum-head", choices=SUM_HEADS, default="adder")
+    recipe.add_argument("--sum-head", choices=list(SUM_HEADS), default="adder")
     recipe.add_argument("--holdout", action="store_true",
                         help=f"never train on the pairs {HOLDOUT_PAIRS}, then score them apart")
     recipe.add_argument("--out", default="model.pt", help="checkpoint file (checked before training)")
     recipe.add_argument("--json", action="store_true", help="one JSON object per epoch")
 
-    check = add_common(commands.add_parser("evaluate", help="score a saved model"))
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_train(commands)
+    check = _add_common(commands.add_parser("evaluate", help="score a saved model"))
     check.add_argument("--model", required=True)
     check.add_argument("--json", action="store_true")
-
     ask = commands.add_parser("predict", help="digit and sum for one image file")
     ask.add_argument("--model", required=True)
     ask.add_argument("image", help="a picture of one digit: any size, dark on light or light on dark")
     ask.add_argument("number", type=int, help="0..9")
-
-    bench = add_common(commands.add_parser("benchmark", help="reference pipeline vs ours"))
+    bench = _add_common(commands.add_parser("benchmark", help="reference pipeline vs ours"))
     bench.add_argument("--steps", type=positive(int), default=200, help="batch-32 steps to time")
     bench.add_argument("--epochs", type=positive(int), default=1)
-    bench.add_argument("--batch-size", type=positive(int), default=128)
+    bench.add_argument("--batch-size", type=positive(int), default=Recipe.batch_size)
     bench.add_argument("--short-images", type=positive(int), default=SHORT_SCHEDULE_IMAGES,
                        help="also time the schedule on only the first N training images")
     bench.add_argument("--json", action="store_true")
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, OSError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:  # a mistake in the input, or the machine's limits;
+        print(f"error: {error}", file=sys.stderr)  # anything else is a bug and keeps its traceback
         return 2
 
 
@@ -1424,75 +1678,86 @@ def save_or_fall_back(model: Net, path: Path, log=print, **metadata) -> Path:
     raise OSError("could not save the model anywhere: check disk space and permissions")
 
 
+class EpochSaver:
+    """Saves the model after every finished epoch, so Ctrl-C or a crash keeps the last one.
+
+    It saves to `path`; if that ever fails, to a rescue file (`save_or_fall_back`), and from
+    then on there.
+    """
+
+    def __init__(self, model: Net, path: Path, **metadata):
+        self.model, self.path, self.metadata, self.epochs_saved = model, path, metadata, 0
+
+    def save(self, history: list[dict]):
+        self.path = save_or_fall_back(self.model, self.path, log=_to_stderr, history=history,
+                                      **self.metadata)
+        self.epochs_saved = len(history)
+
+
+@contextmanager
+def ctrl_c_sets_flag():
+    """Inside, Ctrl-C only sets a flag, which the yielded function reads: an interrupt can never
+    land inside a half-copied tensor or a half-built progress bar."""
+    flag = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: flag.set())
+    try:
+        yield flag.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def train_command(args):
     out = check_writable(args.out)
     device = try_device(args.device)
-    precision = choose_precision(args.precision, device)
-    train_split = load_split(True, device, args.data, args.limit)
-    test_split = load_split(False, device, args.data)
-    torch.manual_seed(args.seed)
+    recipe = Recipe(args.epochs, args.batch_size, args.lr, args.seed,
+                    holdout=HOLDOUT_PAIRS if args.holdout else None,
+                    precision=choose_precision(args.precision, device))
+    train_split = load_split(True, root=args.data, device=device, limit=args.limit)
+    test_split = load_split(False, root=args.data, device=device)
+    torch.manual_seed(recipe.seed)
     model = Net(batch_norm=not args.no_batch_norm, sum_head=args.sum_head)
-    holdout = HOLDOUT_PAIRS if args.holdout else None
-    say = (lambda line: None) if args.json else print
-    finished = {}  # the last finished epoch, so Ctrl-C keeps it
-
-    def keep(record):
-        finished["history"] = finished.get("history", []) + [record]
-        finished["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    # Ctrl-C only raises a flag, which training reads between steps: an interrupt can never
-    # land inside a half-copied epoch or a half-built progress bar.
-    ctrl_c = threading.Event()
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: ctrl_c.set())
-    try:
-        history = train(model, train_split, test_split, args.epochs, args.batch_size, args.lr,
-                        args.seed, holdout=holdout, precision=precision,
-                        progress=not args.json, log=say, on_epoch=keep,
-                        stop_requested=ctrl_c.is_set)
-    except KeyboardInterrupt:
-        if not finished:
-            print("interrupted before the first epoch finished; nothing saved", file=sys.stderr)
+    say = _quiet if args.json else print
+    saver = EpochSaver(model, out, seed=recipe.seed, epochs=recipe.epochs, holdout=recipe.holdout)
+    with ctrl_c_sets_flag() as stop_requested:
+        try:
+            history = train(model, train_split, test_split, recipe, progress=not args.json,
+                            log=say, on_epoch=saver.save, stop_requested=stop_requested)
+        except KeyboardInterrupt:
+            _to_stderr(f"interrupted: saved the model of epoch {saver.epochs_saved}/{recipe.epochs} "
+                       f"to {saver.path}" if saver.epochs_saved else
+                       "interrupted before the first epoch finished; nothing saved")
             return 130
-        model.load_state_dict(finished["state"])
-        saved = save_or_fall_back(model, out, log=lambda line: print(line, file=sys.stderr),
-                                  history=finished["history"], seed=args.seed, interrupted=True)
-        print(f"interrupted: saved the model of epoch {len(finished['history'])}/{args.epochs} "
-              f"to {saved}", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGINT, previous_handler)
-    if holdout is not None:
-        parts = split_by_pairs(evaluate_all_numbers(model, test_split, precision=precision), holdout)
+    if recipe.holdout is not None:
+        parts = split_by_pairs(evaluate_all_numbers(model, test_split, recipe.precision), recipe.holdout)
         history[-1].update(parts)
-        say(f"All 100,000 test pairs: held-out pairs {100 * parts['held_out_acc']:.2f}%, "
-            f"seen pairs {100 * parts['seen_acc']:.2f}%")
-    if args.json:
-        for record in history:
-            print(json.dumps(record))
-    saved = save_or_fall_back(model, out, log=lambda line: print(line, file=sys.stderr),
-                              history=history, seed=args.seed, holdout=holdout)
-    if saved != out:
-        print(f"saved the model to '{saved}' instead", file=sys.stderr)
+        saver.save(history)
+        say(f"All {parts['held_out_count'] + parts['seen_count']:,} test pairs: held-out pairs "
+            f"{100 * parts['held_out_acc']:.2f}%, seen pairs {100 * parts['seen_acc']:.2f}%")
+    for record in history if args.json else ():
+        print(json.dumps(record))
+    if saver.path != out:
+        _to_stderr(f"saved the model to '{saver.path}' instead")
         return 1
-    say(f"saved {saved}")
+    say(f"saved {out}")
     return 0
 
 
 def evaluate_command(args):
     device = try_device(args.device)
+    precision = choose_precision(args.precision, device)
     model = load_checkpoint(args.model, device)
-    test_split = load_split(False, device, args.data)
-    result = evaluate(model, test_split, precision=args.precision)
-    every = evaluate_all_numbers(model, test_split, precision=args.precision)
+    test_split = load_split(False, root=args.data, device=device)
+    result = evaluate(model, test_split, precision)
+    every = evaluate_all_numbers(model, test_split, precision)
     report = {**result.summary(), "all_numbers_sum_acc": every["sum_acc"],
               "per_number_sum_acc": every["per_number"]}
     if args.json:
         print(json.dumps(report))
-    else:
-        print(result.test_line())
-        print(f"Both correct: {100 * report['both_acc']:.2f}%, "
-              f"consistency: {100 * report['consistency']:.2f}%")
-        print(f"All 100,000 pairs: sum accuracy {100 * every['sum_acc']:.2f}%")
+        return 0
+    print(result.test_line())
+    print(f"Both correct: {100 * report['both_acc']:.2f}%, "
+          f"consistency: {100 * report['consistency']:.2f}%")
+    print(f"All {int(every['pair_counts'].sum()):,} pairs: sum accuracy {100 * every['sum_acc']:.2f}%")
     return 0
 
 
@@ -1521,9 +1786,11 @@ def predict_command(args):
 
 
 def benchmark_command(args):
-    result = benchmark(try_device(args.device), args.data, args.steps, args.epochs,
-                       args.batch_size, precision=args.precision, short_images=args.short_images,
-                       log=None if args.json else print)
+    device = try_device(args.device)
+    recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size,
+                    precision=choose_precision(args.precision, device))
+    result = benchmark(device, args.data, recipe, steps=args.steps, short_images=args.short_images,
+                       log=_quiet if args.json else print)
     if args.json:
         print(json.dumps(result))
     return 0

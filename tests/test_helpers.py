@@ -1,4 +1,5 @@
 """Fast tests: small slices of MNIST on the CPU. The full-accuracy run is the notebook's."""
+import ast
 import json
 import signal
 import subprocess
@@ -23,7 +24,7 @@ def test_numbers_cover_0_to_9_about_equally():
 
 
 def test_dataset_item_is_image_label_one_hot_sum(data_dir):
-    dataset = helpers.DigitPlusNumber(helpers.load_mnist(False, data_dir), seed=3)
+    dataset = helpers.DigitPlusNumber(helpers.load_mnist(False, root=data_dir), seed=3)
     for index in range(50):
         image, label, one_hot, total = dataset[index]
         assert image.shape == (1, 28, 28) and image.dtype == torch.float32
@@ -34,9 +35,9 @@ def test_dataset_item_is_image_label_one_hot_sum(data_dir):
 
 
 def test_test_numbers_are_fixed_and_match_the_dataset(data_dir, test_split):
-    again = helpers.load_split(False, "cpu", data_dir, limit=500)
+    again = helpers.load_split(False, root=data_dir, limit=500)
     assert torch.equal(again.numbers, test_split.numbers[:500])
-    dataset = helpers.DigitPlusNumber(helpers.load_mnist(False, data_dir))
+    dataset = helpers.DigitPlusNumber(helpers.load_mnist(False, root=data_dir))
     assert torch.equal(dataset.numbers, test_split.numbers)
     assert torch.equal(test_split.sums, test_split.labels + test_split.numbers)
     assert set(test_split.numbers.tolist()) == set(range(10))
@@ -73,6 +74,16 @@ def test_chosen_holdout_pairs_keep_every_digit_and_number(count):
     assert pairs != helpers.choose_holdout_pairs(count, seed=4)
 
 
+def test_line_evidence_counts_what_the_seen_pairs_fix():
+    everything = helpers.line_evidence([])
+    assert everything == {"equations": 36, "needed": 36, "unseen_sums": 0}
+    assert helpers.line_evidence(helpers.HOLDOUT_PAIRS)["equations"] == 36  # 90 pairs fix all
+    no_zero = helpers.line_evidence([(0, 0)])  # the only pair that sums to 0
+    assert no_zero["unseen_sums"] == 1 and no_zero["equations"] == 35
+    sparse = helpers.line_evidence(helpers.choose_holdout_pairs(70, seed=0))
+    assert sparse["equations"] < 36
+
+
 def test_choose_holdout_pairs_refuses_impossible_counts():
     with pytest.raises(ValueError, match="0..90"):
         helpers.choose_holdout_pairs(91)
@@ -89,7 +100,7 @@ def test_missing_data_offline_names_folder_and_files(tmp_path, monkeypatch):
     # Port 9 on loopback refuses at once: the same path as a machine without internet.
     monkeypatch.setattr(helpers.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
     with pytest.raises(helpers.MnistNotFoundError) as error:
-        helpers.load_mnist(True, tmp_path / "nowhere")
+        helpers.load_mnist(True, root=tmp_path / "nowhere")
     message = str(error.value)
     assert str(tmp_path / "nowhere" / "MNIST" / "raw") in message
     assert all(name in message for name in helpers.MNIST_FILES)
@@ -107,10 +118,11 @@ def test_net_shapes_and_19_sum_classes(batch_norm, sum_head):
     assert digits.shape == (5, 10) and sums.shape == (5, 19)
     assert torch.allclose(sums.exp().sum(1), torch.ones(5))
     assert torch.allclose(digits.exp().sum(1), torch.ones(5))
-    names = {name for name, _ in model.named_children()}
+    names = {name for name, _ in model.digit_reader.named_children()}
     assert {"conv1", "conv2", "pool1", "pintconv1", "conv3", "conv4", "pool2", "pintconv2",
             "conv5", "conv6", "conv7"} <= names
-    assert ({"fc1", "fc2"} <= names) == (sum_head not in helpers.LINE_HEADS)
+    head_layers = {name for name, _ in model.sum_head.named_children()}
+    assert (head_layers == {"fc1", "fc2"}) == (sum_head in ("logits", "probs"))
     has_norm = any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     assert has_norm == batch_norm
 
@@ -128,24 +140,58 @@ def test_sum_head_on_held_out_pairs(sum_head, generalizes):
     The fc heads memorise the pairs; the line heads add (the notebook's finding).
     """
     torch.manual_seed(0)
-    model = helpers.Net(sum_head=sum_head)
+    head = helpers.make_sum_head(sum_head)
     grid = torch.meshgrid(torch.arange(10), torch.arange(10), indexing="ij")
     digits, numbers = (values.flatten() for values in grid)
     sums, logits = digits + numbers, 20.0 * torch.nn.functional.one_hot(digits, 10)
     one_hot = torch.nn.functional.one_hot(numbers, 10).float()
     seen = ~helpers.pairs_table(helpers.HOLDOUT_PAIRS)[digits, numbers]
-    head = [p for name, p in model.named_parameters() if not name.startswith(("conv", "norm", "pint"))]
-    optimizer = torch.optim.Adam(head, lr=0.01)
+    optimizer = torch.optim.Adam(head.parameters(), lr=0.01)
     for _ in range(1500):
-        loss = model.loss(logits[seen], numbers[seen], digits[seen])  # its own training loss
+        loss = head.loss(logits[seen], one_hot[seen], sums[seen])  # its own training loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        correct = model.sum_log_probs(logits, one_hot).argmax(1) == sums
+        correct = head(logits, one_hot).argmax(1) == sums
     assert correct[seen].all()
     held_out = correct[~seen].float().mean()
     assert held_out == 1.0 if generalizes else held_out < 0.5
+
+
+class DigitPlusNumberHead(helpers.SumHead):
+    """A head that hard-codes the sum as digit + number: what the scramble test must catch."""
+
+    def log_probs(self, digit_logits, one_hot):
+        total = digit_logits.argmax(1) + one_hot.argmax(1)
+        return torch.log(torch.nn.functional.one_hot(total, 19).float().clamp(min=1e-9))
+
+
+def test_nothing_hard_codes_the_sum(trained, train_slice, test_split):
+    """Scramble the 19 sum classes: the adder, trained alone on frozen digit logits, reads the
+    scrambled labels as well as the true ones, since its positions are free. A head that
+    computes digit + number cannot."""
+    model, _ = trained
+    recipe = helpers.Recipe(epochs=10, seed=0)  # 320 steps on 4,000 images: under a second
+    train_logits = helpers.digit_logits_of(model, train_slice, "fp32")
+    test = test_split.first(1000)
+    test_logits = helpers.digit_logits_of(model, test, "fp32")
+    scramble = torch.randperm(19, generator=torch.Generator().manual_seed(5))
+    assert (scramble != torch.arange(19)).sum() >= 17
+
+    def accuracy(head, classes):
+        with torch.no_grad():
+            answers = head(test_logits, torch.nn.functional.one_hot(test.numbers, 10).float())
+        return float((answers.argmax(1) == classes[test.sums]).float().mean())
+
+    identity = torch.arange(19)
+    true = helpers.train_sum_head("adder", train_logits, train_slice.labels, recipe)
+    scrambled = helpers.train_sum_head("adder", train_logits, train_slice.labels, recipe, scramble)
+    assert accuracy(true, identity) > 0.9
+    assert abs(accuracy(scrambled, scramble) - accuracy(true, identity)) <= 0.01
+    assert accuracy(true, scramble) < 0.2 and accuracy(scrambled, identity) < 0.2
+    cheat = DigitPlusNumberHead()
+    assert accuracy(cheat, identity) > 0.9 and accuracy(cheat, scramble) < 0.2
 
 
 def test_one_hot_numbers_give_the_same_output():
@@ -165,11 +211,38 @@ def test_nine_plus_nine_is_a_class_and_trains(sum_head):
     optimizer = torch.optim.Adam(model.parameter_groups(1e-2))
     images, nines = torch.randn(8, 1, 28, 28), torch.full((8,), 9)
     for _ in range(30):
-        helpers.train_step(model, optimizer, images, nines, nines)
+        helpers.train_step(model, optimizer, images, nines, nines, "fp32")
     assert (model.eval()(images, nines)[1].argmax(1) == 18).all()
 
 
 # ----------------------------------------------------------------------------- training
+
+def test_augment_keeps_shapes_and_zero_strength_is_the_identity(test_split):
+    images = test_split.images[:64]
+    same = helpers.augment(images, torch.Generator().manual_seed(0), strength=0.0)
+    assert same.shape == images.shape and torch.allclose(same, images, atol=1e-5)
+    first = helpers.augment(images, torch.Generator().manual_seed(1))
+    again = helpers.augment(images, torch.Generator().manual_seed(1))
+    other = helpers.augment(images, torch.Generator().manual_seed(2))
+    assert first.shape == images.shape and torch.equal(first, again)  # seeded
+    assert not torch.allclose(first, other)
+    moved = (first - images).abs().flatten(1).amax(1)
+    assert (moved > 0.5).float().mean() > 0.9  # nearly every image changes visibly
+    paper = helpers.normalize(torch.tensor(0.0))
+    assert torch.allclose(first[:, :, 0, 0], paper.expand(64, 1), atol=1e-4)  # corners stay paper
+    assert first.min() >= paper - 1e-4 and first.max() <= images.max() + 1e-4  # no new extremes
+
+
+def test_augmented_training_keeps_its_seed(train_slice, test_split):
+    runs = []
+    for augment in (1.0, 1.0, 0.0):
+        torch.manual_seed(3)
+        recipe = helpers.Recipe(epochs=1, batch_size=64, seed=3, augment=augment, precision="fp32")
+        history = helpers.train(helpers.Net(), train_slice.first(320), test_split.first(200), recipe,
+                                progress=False, log=None)
+        runs.append(history[0]["train_loss"])
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
 
 def test_short_training_beats_chance_by_far(trained):
     _, history = trained
@@ -186,8 +259,9 @@ def test_same_seed_same_metrics(train_slice, test_split, precision):
     for _ in range(2):
         torch.manual_seed(7)
         model = helpers.Net()
-        history = helpers.train(model, train_slice.first(640), test_split.first(300), epochs=1,
-                                batch_size=64, seed=7, precision=precision, progress=False, log=None)
+        recipe = helpers.Recipe(epochs=1, batch_size=64, seed=7, precision=precision)
+        history = helpers.train(model, train_slice.first(640), test_split.first(300), recipe,
+                                progress=False, log=None)
         runs.append({k: v for k, v in history[0].items() if k != "train_seconds"})
         assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay fp32
     assert runs[0] == runs[1] and runs[0]["precision"] == precision
@@ -214,17 +288,22 @@ def test_native_bf16_matches_the_cpu_flags():
     assert helpers.has_native_bf16() == bool({"avx512_bf16", "amx_tile"} & flags)
 
 
-def test_train_rejects_bad_settings_before_training(train_slice, test_split):
+@pytest.mark.parametrize("setting", [{"epochs": 0}, {"batch_size": 0}, {"lr": 0.0},
+                                     {"lr": float("nan")}, {"augment": -1.0}])
+def test_recipe_rejects_bad_settings(setting):
     with pytest.raises(ValueError, match="at least 1"):
-        helpers.train(helpers.Net(), train_slice, test_split, epochs=0)
+        helpers.Recipe(**setting)
+
+
+def test_train_rejects_a_test_split_without_numbers_before_training(train_slice):
     with pytest.raises(ValueError, match="fixed numbers"):
-        helpers.train(helpers.Net(), train_slice, train_slice, epochs=1, log=None, progress=False)
+        helpers.train(helpers.Net(), train_slice, train_slice, log=None, progress=False)
 
 
 def test_evaluate_counts_and_average_loss(trained, test_split):
     model, _ = trained
     split = test_split.first(700)
-    result = helpers.evaluate(model, split, batch_size=128, precision="fp32")
+    result = helpers.evaluate(model, split, "fp32", batch_size=128)
     assert result.count == 700 and result.digit_confusion.sum() == 700
     assert result.sum_confusion.shape == (19, 19) and result.sum_confusion.sum() == 700
     assert result.digit_confusion.trace() == result.digit_correct
@@ -241,7 +320,7 @@ def test_evaluate_counts_and_average_loss(trained, test_split):
 def test_evaluate_all_numbers_matches_pairwise_and_splits_add_up(trained, test_split):
     model, _ = trained
     split = test_split.first(300)
-    every = helpers.evaluate_all_numbers(model, split, batch_size=128)
+    every = helpers.evaluate_all_numbers(model, split)
     assert every["pair_counts"].sum() == 3000 and len(every["per_number"]) == 10
     for number in (0, 9):  # the head-only shortcut agrees with the full model
         fixed = helpers.Split(split.images, split.labels, torch.full_like(split.labels, number))
@@ -258,7 +337,7 @@ def test_evaluate_all_numbers_matches_pairwise_and_splits_add_up(trained, test_s
 
 @pytest.fixture(scope="module")
 def raw_test(data_dir):
-    return helpers.load_mnist(False, data_dir, transform=None).data  # uint8 [10000, 28, 28]
+    return helpers.load_mnist(False, root=data_dir, transform=None).data  # uint8 [10000, 28, 28]
 
 
 def test_predict_accepts_every_image_form(trained, raw_test):
@@ -428,6 +507,35 @@ def test_every_variant_round_trips(tmp_path, config):
     assert helpers.load_checkpoint(path).config() == config
 
 
+def test_a_version_1_checkpoint_loads_under_the_new_names(trained, test_split, tmp_path):
+    """Version 1 named the layers without the digit_reader. and sum_head. submodules."""
+    model, _ = trained
+    path = tmp_path / "v1.pt"
+    helpers.save_checkpoint(model, path)
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["version"] = 1
+    checkpoint["state_dict"] = {name.split(".", 1)[1]: value
+                                for name, value in checkpoint["state_dict"].items()}
+    assert {"conv1.weight", "digit_position", "log_sharpness"} <= checkpoint["state_dict"].keys()
+    torch.save(checkpoint, path)
+    loaded = helpers.load_checkpoint(path)
+    images, numbers = test_split.images[:50], test_split.numbers[:50]
+    with torch.no_grad():
+        for original, reloaded in zip(model.eval()(images, numbers), loaded(images, numbers)):
+            assert torch.allclose(original, reloaded, atol=1e-5)
+
+
+def test_a_checkpoint_from_a_newer_version_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "v9.pt"
+    helpers.save_checkpoint(helpers.Net(), path)
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["version"] = 9
+    torch.save(checkpoint, path)
+    with pytest.raises(helpers.CheckpointError, match="version 9.*update helpers.py") as error:
+        helpers.load_checkpoint(path)
+    assert "\n" not in str(error.value)
+
+
 def test_interrupted_save_keeps_the_old_checkpoint(trained, tmp_path, monkeypatch):
     model, _ = trained
     path = tmp_path / "model.pt"
@@ -463,7 +571,7 @@ def test_corrupt_foreign_and_missing_checkpoints(tmp_path):
 
 def run_cli(*args):
     return subprocess.run([sys.executable, str(ROOT / "helpers.py"), *args], capture_output=True,
-                          text=True, cwd=ROOT, timeout=600)
+                          text=True, cwd=ROOT, timeout=600, check=False)
 
 
 def test_cli_train_evaluate_predict(tmp_path, data_dir):
@@ -481,7 +589,7 @@ def test_cli_train_evaluate_predict(tmp_path, data_dir):
     assert len(report["per_number_sum_acc"]) == 10 and 0 <= report["all_numbers_sum_acc"] <= 1
 
     image = tmp_path / "digit.png"
-    Image.fromarray(helpers.load_mnist(False, data_dir, transform=None).data[0].numpy()).save(image)
+    Image.fromarray(helpers.load_mnist(False, root=data_dir, transform=None).data[0].numpy()).save(image)
     answer = run_cli("predict", "--model", str(model_path), str(image), "4")
     assert answer.returncode == 0, answer.stderr
     assert answer.stdout.startswith("digit ") and " + 4 = " in answer.stdout
@@ -557,7 +665,8 @@ def test_cli_ctrl_c_keeps_the_last_finished_epoch(tmp_path, data_dir):
     assert "Traceback" not in stderr
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("interrupted: saved the model of epoch ") and last.endswith(str(out))
-    assert torch.load(out, weights_only=True)["metadata"]["interrupted"] is True
+    metadata = torch.load(out, weights_only=True)["metadata"]
+    assert metadata["epochs"] == 100 and 1 <= len(metadata["history"]) < 100
     helpers.load_checkpoint(out)
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary file left
 
@@ -590,3 +699,34 @@ def test_a_failed_save_after_training_keeps_the_model(tmp_path, monkeypatch, cap
     assert code == 1 and "No space left" in errors and len(rescued) == 1
     assert f"saved the model to '{rescued[0]}' instead" in errors
     helpers.load_checkpoint(rescued[0])
+
+
+# ----------------------------------------------------------------------------- benchmark and code
+
+def test_benchmark_trains_at_the_precision_it_is_given(data_dir):
+    """A few steps, not full epochs. The training runs used whatever precision a loop over
+    fp32 and bf16 ended on (bf16) whatever was asked."""
+    recipe = helpers.Recipe(epochs=1, batch_size=64, precision="fp32")
+    result = helpers.benchmark(torch.device("cpu"), data_dir, recipe, steps=2, short_images=100,
+                               train_limit=256, test_limit=200, log=None)
+    assert result["precision"] == "fp32" and set(result["runs"]) == {256, 100}
+    assert all(record["precision"] == "fp32"
+               for run in result["runs"].values() for record in run["history"])
+    assert {"reference pipeline", "ours fp32", "ours fp32 + augmentation"} <= result["images_per_s"].keys()
+    assert result["reference_recipe_seconds_to_99"] > 0
+
+
+def test_layer_shapes_count_every_parameter(test_split):
+    for sum_head in helpers.SUM_HEADS:
+        model = helpers.Net(sum_head=sum_head)
+        rows = helpers.layer_shapes(model, test_split.images[:2], test_split.numbers[:2])
+        assert sum(params for _, _, params in rows) == sum(p.numel() for p in model.parameters())
+        assert rows[-1][:2] == ("sum_head", (2, 19))
+
+
+def test_no_function_in_helpers_is_over_50_lines():
+    tree = ast.parse((ROOT / "helpers.py").read_text())
+    long = {node.name: node.end_lineno - node.lineno + 1 for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > 50}
+    assert not long, long
