@@ -1,6 +1,7 @@
 """Fast tests: small slices of MNIST on the CPU. The full-accuracy run is the notebook's."""
 import ast
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -172,7 +173,7 @@ def test_nothing_hard_codes_the_sum(trained, train_slice, test_split):
     scrambled labels as well as the true ones, since its positions are free. A head that
     computes digit + number cannot."""
     model, _ = trained
-    recipe = helpers.Recipe(epochs=10, seed=0)  # 320 steps on 4,000 images: under a second
+    recipe = helpers.Recipe(epochs=10, seed=0)  # 630 steps on 8,000 images: about a second
     train_logits = helpers.digit_logits_of(model, train_slice, "fp32")
     test = test_split.first(1000)
     test_logits = helpers.digit_logits_of(model, test, "fp32")
@@ -211,7 +212,7 @@ def test_nine_plus_nine_is_a_class_and_trains(sum_head):
     optimizer = torch.optim.Adam(model.parameter_groups(1e-2))
     images, nines = torch.randn(8, 1, 28, 28), torch.full((8,), 9)
     for _ in range(30):
-        helpers.train_step(model, optimizer, images, nines, nines, "fp32")
+        helpers.train_step(model, optimizer, helpers.Batch(images, nines, nines), "fp32")
     assert (model.eval()(images, nines)[1].argmax(1) == 18).all()
 
 
@@ -244,9 +245,38 @@ def test_augmented_training_keeps_its_seed(train_slice, test_split):
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
 
+def test_outliers_are_seeded_framed_pictures_of_no_digit(train_slice):
+    first = helpers.outlier_batch(64, torch.Generator().manual_seed(0), train_slice.images)
+    again = helpers.outlier_batch(64, torch.Generator().manual_seed(0), train_slice.images)
+    assert first.shape == (64, 1, 28, 28) and torch.equal(first, again)
+    intensities = helpers.denormalize(first[:, 0])
+    assert intensities.min() >= -1e-6 and intensities.max() <= 1 + 1e-6
+    assert (intensities.flatten(1).amax(1) > 0.5).all()  # every one has ink, stretched
+    assert (intensities[:, :4].amax((1, 2)) == 0).float().mean() > 0.5  # framed: margins empty
+
+
+def test_outliers_ride_along_without_reaching_the_sum_head(train_slice):
+    recipe = helpers.Recipe(batch_size=32, outliers=4)
+    batch = next(helpers.TrainingData(train_slice.first(64), recipe).epoch())
+    assert batch.images.shape == (32, 1, 28, 28) and batch.outliers.shape == (4, 1, 28, 28)
+    plain = next(helpers.TrainingData(train_slice.first(64), helpers.Recipe(batch_size=32, outliers=0)).epoch())
+    assert plain.outliers is None and torch.equal(plain.labels, batch.labels)  # same order
+    uniform = torch.zeros(3, 10)
+    assert float(helpers.uniform_loss(uniform)) == pytest.approx(np.log(10))  # its least: no preference
+    assert float(helpers.uniform_loss(torch.eye(3, 10) * 10)) > 5
+    torch.manual_seed(0)
+    model = helpers.Net()
+    optimizer = torch.optim.Adam(model.parameter_groups(0.01))
+    seen = []
+    hook = model.sum_head.register_forward_hook(lambda m, inputs, out: seen.append(len(inputs[0])))
+    helpers.train_step(model, optimizer, batch, "fp32", outlier_weight=0.25)
+    hook.remove()
+    assert seen and set(seen) == {32}
+
+
 def test_short_training_beats_chance_by_far(trained):
     _, history = trained
-    assert len(history) == 2
+    assert len(history) == 3
     assert history[-1]["digit_acc"] > 0.85 and history[-1]["sum_acc"] > 0.5  # chance: 0.1, ~0.1
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert {"epoch", "train_seconds", "loss", "digit_acc", "sum_acc", "both_acc",
@@ -336,8 +366,13 @@ def test_evaluate_all_numbers_matches_pairwise_and_splits_add_up(trained, test_s
 # ----------------------------------------------------------------------------- predict
 
 @pytest.fixture(scope="module")
-def raw_test(data_dir):
-    return helpers.load_mnist(False, root=data_dir, transform=None).data  # uint8 [10000, 28, 28]
+def raw_mnist(data_dir):
+    return helpers.load_mnist(False, root=data_dir, transform=None)
+
+
+@pytest.fixture(scope="module")
+def raw_test(raw_mnist):
+    return raw_mnist.data  # uint8 [10000, 28, 28]
 
 
 def test_predict_accepts_every_image_form(trained, raw_test):
@@ -358,16 +393,23 @@ def test_predict_accepts_every_image_form(trained, raw_test):
 
 
 def test_prepared_mnist_keeps_its_answers(trained, raw_test, test_split):
-    """MNIST is already in MNIST's form: preparing it again changes next to no answer."""
+    """MNIST is already in MNIST's form: preparing it again changes next to no answer.
+
+    Counted on the answers the model is sure of (top probability at least 0.9): a borderline
+    answer can flip with the last bit of a bf16 or fp32 kernel, which differ between CPUs.
+    """
     model, _ = trained
     count = 1000
-    direct = ((raw_test[:count].float() / 255 - helpers.MNIST_MEAN) / helpers.MNIST_STD)[:, None]
+    direct = helpers.normalize(raw_test[:count].float() / 255)[:, None]
     numbers = test_split.numbers[:count]
     with torch.no_grad():
-        before = [out.argmax(1) for out in model.eval()(direct, numbers)]
+        digit_lp, sum_lp = model.eval()(direct, numbers)
+    sure = digit_lp.exp().amax(1) >= 0.9
+    assert sure.float().mean() > 0.8
     after = helpers.predict_batch(model, raw_test[:count], numbers)
-    for old, new in zip(before, after):
-        assert (old == new).float().mean() >= 0.998  # at most 2 of 1,000 differ
+    for old, new in zip((digit_lp.argmax(1), sum_lp.argmax(1)), after):
+        assert (old == new)[sure].float().mean() >= 0.998  # at most 2 of 1,000 differ
+        assert (old == new).float().mean() >= 0.99
 
 
 def as_photo(digit: torch.Tensor, size=(150, 120), at=(10, 30), paper=200, scale=3):
@@ -394,7 +436,7 @@ def test_inverted_enlarged_off_centre_digit_reads_the_same(trained, raw_test):
 
 def test_preparation_inverts_dark_ink_and_centres_it(raw_test):
     steps = helpers.preparation_steps(as_photo(raw_test[0], at=(60, 0)))
-    assert set(steps) == {"picture", "ink", "cropped", "framed"}
+    assert set(steps) == {"picture", "ink", "kept", "cropped", "framed"}
     framed = steps["framed"]
     assert framed.shape == (28, 28) and framed[0].max() == 0 and framed.max() > 0.9  # light on black
     rows, cols = framed.sum(1), framed.sum(0)
@@ -405,6 +447,95 @@ def test_preparation_inverts_dark_ink_and_centres_it(raw_test):
     prepared = helpers.prepare_image(as_photo(raw_test[0]))
     assert prepared.shape == (1, 28, 28)
     assert prepared.min() == pytest.approx(-helpers.MNIST_MEAN / helpers.MNIST_STD)
+
+
+PHOTO = {"paper": "ruled", "size": (700, 900), "height": 300, "at": (200, 350), "pen": 0.3,
+         "light": 0.55, "quality": 60, "stray": False, "table": False}
+
+
+def handmade_photo(digit: torch.Tensor, **changes):
+    """A phone photo made by hand, independently of helpers.photo_digits: an MNIST digit drawn
+    as a pen stroke `height` px tall (a lower `pen` is a thicker pen) in dark blue ink at `at`
+    on plain, ruled or squared paper, the light falling to `light` across the page, maybe a
+    stray dot or a dark table along the left edge, saved as JPEG at `quality` (see PHOTO)."""
+    import io
+    setting = {**PHOTO, **changes}
+    paper, (rows, cols), height, at, pen = (setting[key] for key in ("paper", "size", "height", "at", "pen"))
+    page = np.full((rows, cols, 3), 235, np.float32)
+    if paper in ("ruled", "squared"):
+        page[20::40] = page[21::40] = (150, 185, 230)  # light blue lines, 2 px thick
+    if paper == "squared":
+        page[:, 20::40] = page[:, 21::40] = (170, 200, 235)
+    scale = height / 20  # MNIST's digits are about 20 px tall
+    big = Image.fromarray(digit.numpy()).resize((round(28 * scale),) * 2, Image.Resampling.BICUBIC)
+    stroke = np.clip((np.asarray(big, np.float32) / 255 - pen) * 4, 0, 1)[:, :, None]
+    box = page[at[0]:at[0] + stroke.shape[0], at[1]:at[1] + stroke.shape[1]]
+    box += (np.array([25, 30, 110], np.float32) - box) * stroke[:box.shape[0], :box.shape[1]]
+    if setting["stray"]:
+        page[rows - 80:rows - 68, 60:72] = (25, 30, 110)
+    if setting["table"]:
+        page[:, :cols // 12] = (70, 60, 50)
+    page *= np.linspace(1, setting["light"], cols, dtype=np.float32)[None, :, None]
+    buffer = io.BytesIO()
+    Image.fromarray(page.clip(0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=setting["quality"])
+    return Image.open(buffer)
+
+
+def first_read_right(model, raw_test, digit):
+    """The first MNIST test image of `digit` that the model reads right as it is."""
+    for index in (raw_test.targets == digit).nonzero().flatten().tolist():
+        if helpers.predict(model, raw_test.data[index], 0)[0] == digit:
+            return raw_test.data[index]
+    raise AssertionError(f"the model reads no {digit} right")
+
+
+def test_thick_four_on_lined_paper_in_uneven_light_reads_four(trained, raw_mnist):
+    """The issue's own example: a 900 x 700 JPEG of a thick-pen 4 on lined paper, with the
+    light falling off across the page. The previous preparation read it as a 1."""
+    model, _ = trained
+    photo = handmade_photo(first_read_right(model, raw_mnist, 4), pen=0.05)
+    assert photo.size == (900, 700) and photo.format == "JPEG"
+    assert helpers.predict(model, photo, 3) == (4, 7)
+
+
+PHOTO_CASES = {
+    "ruled paper": {},
+    "squared paper": {"paper": "squared"},
+    "plain paper, uneven light": {"paper": "plain", "light": 0.4},
+    "small digit in a big frame": {"size": (900, 1200), "height": 80, "at": (600, 150)},
+    "thin pen, JPEG quality 40": {"pen": 0.5, "quality": 40},
+    "a stray mark": {"stray": True},
+    "the sheet's edge": {"table": True},
+}
+
+
+@pytest.mark.parametrize("case", PHOTO_CASES, ids=list(PHOTO_CASES))
+def test_photos_read_like_the_digits_they_show(trained, raw_mnist, case):
+    model, _ = trained
+    right = 0
+    for digit in range(10):
+        photo = handmade_photo(first_read_right(model, raw_mnist, digit), **PHOTO_CASES[case])
+        right += helpers.predict(model, photo, 5) == (digit, digit + 5)
+    assert right >= 9  # of 10
+
+
+def test_photo_set_reads_far_better_prepared_than_naive(trained):
+    model, _ = trained
+    pictures, labels, papers = helpers.photo_digits(40, seed=7)
+    assert {"plain", "ruled", "squared"} <= {paper.split("+")[0] for paper in papers}
+    assert all(min(p.size) >= 225 and p.mode == "RGB" for p in pictures)
+    numbers = helpers.draw_numbers(40, seed=8)
+    prepared = helpers.score_pictures(model, pictures, labels, numbers)
+    everything = helpers.score_pictures(model, pictures, labels, numbers, helpers.crop_to_all_ink)
+    naive = helpers.score_pictures(model, pictures, labels, numbers, helpers.naive_image)
+    assert prepared >= 0.85 and prepared > everything + 0.2 and prepared > naive + 0.5
+
+
+def test_clean_digits_read_well(trained):
+    model, _ = trained
+    pictures, labels = helpers.clean_digits(40, seed=7)
+    assert all(p.mode == "L" and 150 <= min(p.size) <= 400 for p in pictures)
+    assert helpers.score_pictures(model, pictures, labels, helpers.draw_numbers(40, seed=8)) >= 0.85
 
 
 @pytest.mark.parametrize("page, message", [
@@ -457,6 +588,45 @@ def test_predict_rejects_bad_input_clearly(trained, raw_test, case):
     _, make, error, message = case
     with pytest.raises(error, match=message):
         helpers.predict(model, *make(raw_test[0]))
+
+
+def test_predict_proba_sums_to_one_and_agrees_with_predict(trained, raw_test):
+    model, _ = trained
+    for index in range(5):
+        digit_probs, sum_probs = helpers.predict_proba(model, raw_test[index], 6)
+        assert digit_probs.shape == (10,) and sum_probs.shape == (19,)
+        assert float(digit_probs.sum()) == pytest.approx(1, abs=1e-5)
+        assert float(sum_probs.sum()) == pytest.approx(1, abs=1e-5)
+        assert (int(digit_probs.argmax()), int(sum_probs.argmax())) == helpers.predict(model, raw_test[index], 6)
+    with pytest.raises(ValueError, match="0..9"):
+        helpers.predict_proba(model, raw_test[0], 10)
+    with pytest.raises(ValueError, match="no ink"):
+        helpers.predict_proba(model, np.full((50, 50), 200, np.uint8), 1)
+
+
+def test_answer_line_says_not_sure_below_min_confidence():
+    sums = torch.nn.functional.one_hot(torch.tensor(11), 19).float()
+    sure = torch.tensor([0.01] * 4 + [0.91] + [0.01] * 5)
+    assert helpers.answer_line(sure, sums, 7) == "digit 4, 4 + 7 = 11 (91 % sure)"
+    unsure = torch.zeros(10)
+    unsure[4], unsure[9], unsure[1] = 0.55, 0.40, 0.05
+    assert helpers.answer_line(unsure, sums, 7) == "not sure: 4 (55 %) or 9 (40 %)"
+    assert 0.5 < helpers.MIN_CONFIDENCE < 1
+
+
+def test_pictures_of_no_digit_are_flagged_and_digits_are_not(trained):
+    """Flagged: refused by the preparation (NaN), or below MIN_CONFIDENCE. The small test
+    model trained with outlier exposure, on 8,000 images; the full model's rates are the
+    notebook's."""
+    model, _ = trained
+    nondigits = helpers.nondigit_photos(60, seed=5)
+    assert len(nondigits) == 60 and all(min(p.size) >= 1 for p in nondigits)
+    top = helpers.confidences(model, nondigits)
+    assert top.isnan().any() and not top.isnan().all()  # some refused outright
+    assert ((top < helpers.MIN_CONFIDENCE) | top.isnan()).float().mean() >= 0.85
+    pictures, _, _ = helpers.photo_digits(40, seed=5)
+    digits = helpers.confidences(model, pictures)
+    assert ((digits < helpers.MIN_CONFIDENCE) | digits.isnan()).float().mean() <= 0.15
 
 
 def test_predict_batch_rejects_empty_and_mismatched(trained, raw_test):
@@ -592,7 +762,9 @@ def test_cli_train_evaluate_predict(tmp_path, data_dir):
     Image.fromarray(helpers.load_mnist(False, root=data_dir, transform=None).data[0].numpy()).save(image)
     answer = run_cli("predict", "--model", str(model_path), str(image), "4")
     assert answer.returncode == 0, answer.stderr
-    assert answer.stdout.startswith("digit ") and " + 4 = " in answer.stdout
+    # One epoch on 512 images leaves the model unsure, or sure: either line is right.
+    assert re.fullmatch(r"digit \d, \d \+ 4 = \d+ \(\d+ % sure\)|not sure: \d \(\d+ %\) or \d \(\d+ %\)",
+                        answer.stdout.strip()), answer.stdout
 
     refused = run_cli("predict", "--model", str(model_path), str(image), "12")
     assert refused.returncode == 2 and "number must be in 0..9, got 12" in refused.stderr
@@ -609,11 +781,23 @@ def test_cli_predicts_a_large_off_centre_dark_on_light_png(trained, model_file, 
     photo = as_photo(raw_test[0], size=(600, 450), at=(300, 40), scale=10)  # a 7, bottom left
     path = tmp_path / "photo.png"
     Image.fromarray(photo.numpy()).save(path)
-    digit, total = helpers.predict(trained[0], raw_test[0], 7)
-    assert digit == 7
+    digit_probs, sum_probs = helpers.predict_proba(trained[0], raw_test[0], 7)
+    assert int(digit_probs.argmax()) == 7 and digit_probs.max() >= helpers.MIN_CONFIDENCE
     answer = run_cli("predict", "--model", str(model_file), str(path), "7")
     assert answer.returncode == 0, answer.stderr
-    assert answer.stdout.strip() == f"digit {digit}, {digit} + 7 = {total}"
+    assert answer.stdout.strip() == f"digit 7, 7 + 7 = 14 ({100 * float(digit_probs.max()):.0f} % sure)"
+
+
+def test_cli_says_not_sure_on_a_picture_of_no_digit(trained, model_file, tmp_path):
+    """A crop of a photo that the preparation does not refuse, but that shows no digit."""
+    pictures = helpers.nondigit_photos(40, seed=11)
+    unsure = (helpers.confidences(trained[0], pictures) < helpers.MIN_CONFIDENCE).nonzero().flatten()
+    assert len(unsure), "every picture of no digit was refused or read with confidence"
+    path = tmp_path / "no-digit.jpg"
+    pictures[int(unsure[0])].convert("RGB").save(path)
+    answer = run_cli("predict", "--model", str(model_file), str(path), "2")
+    assert answer.returncode == 0, answer.stderr
+    assert re.fullmatch(r"not sure: \d \(\d+ %\) or \d \(\d+ %\)", answer.stdout.strip()), answer.stdout
 
 
 CLI_MISTAKES = {  # what a user types -> what the one error line must say
@@ -712,7 +896,7 @@ def test_benchmark_trains_at_the_precision_it_is_given(data_dir):
     assert result["precision"] == "fp32" and set(result["runs"]) == {256, 100}
     assert all(record["precision"] == "fp32"
                for run in result["runs"].values() for record in run["history"])
-    assert {"reference pipeline", "ours fp32", "ours fp32 + augmentation"} <= result["images_per_s"].keys()
+    assert {"reference pipeline", "ours fp32", "ours fp32, whole recipe"} <= result["images_per_s"].keys()
     assert result["reference_recipe_seconds_to_99"] > 0
 
 
