@@ -234,6 +234,11 @@ def test_augment_keeps_shapes_and_zero_strength_is_the_identity(test_split):
     assert first.min() >= paper - 1e-4 and first.max() <= images.max() + 1e-4  # no new extremes
 
 
+def test_max3x3_is_max_pool():
+    images = torch.randn(5, 1, 28, 28)
+    assert torch.equal(helpers._max3x3(images), torch.nn.functional.max_pool2d(images, 3, 1, 1))
+
+
 def test_augmented_training_keeps_its_seed(train_slice, test_split):
     runs = []
     for augment in (1.0, 1.0, 0.0):
@@ -319,9 +324,11 @@ def test_native_bf16_matches_the_cpu_flags():
 
 
 @pytest.mark.parametrize("setting", [{"epochs": 0}, {"batch_size": 0}, {"lr": 0.0},
-                                     {"lr": float("nan")}, {"augment": -1.0}])
+                                     {"lr": float("nan")}, {"lr": float("inf")}, {"augment": -1.0},
+                                     {"outliers": -1}, {"outlier_weight": float("nan")},
+                                     {"epochs": 2.5}, {"batch_size": True}, {"outliers": 2.5}])
 def test_recipe_rejects_bad_settings(setting):
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(ValueError, match="at least 1|whole numbers"):
         helpers.Recipe(**setting)
 
 
@@ -604,6 +611,18 @@ def test_predict_proba_sums_to_one_and_agrees_with_predict(trained, raw_test):
         helpers.predict_proba(model, np.full((50, 50), 200, np.uint8), 1)
 
 
+def test_a_refused_picture_does_not_stop_the_others(trained, raw_test):
+    model, _ = trained
+    pictures = [raw_test[0], np.full((60, 60), 250, np.uint8), raw_test[1]]
+    digits, sums = helpers.answers(model, pictures, [1, 2, 3])
+    assert digits[1] == sums[1] == -1
+    assert (int(digits[0]), int(sums[0])) == helpers.predict(model, raw_test[0], 1)
+    top = helpers.confidences(model, pictures)
+    assert top[1].isnan() and not top[[0, 2]].isnan().any()
+    labels = torch.tensor([int(digits[0]), 0, int(digits[2])])
+    assert helpers.score_pictures(model, pictures, labels, [1, 2, 3]) == pytest.approx(2 / 3)
+
+
 def test_answer_line_says_not_sure_below_min_confidence():
     sums = torch.nn.functional.one_hot(torch.tensor(11), 19).float()
     sure = torch.tensor([0.01] * 4 + [0.91] + [0.01] * 5)
@@ -627,6 +646,32 @@ def test_pictures_of_no_digit_are_flagged_and_digits_are_not(trained):
     pictures, _, _ = helpers.photo_digits(40, seed=5)
     digits = helpers.confidences(model, pictures)
     assert ((digits < helpers.MIN_CONFIDENCE) | digits.isnan()).float().mean() <= 0.15
+
+
+def test_phone_orientation_and_16_bit_pictures_read_as_they_look(trained, raw_test, tmp_path):
+    """A phone stores a portrait photo sideways with an EXIF tag saying how to turn it; a
+    scanner may save 16-bit grayscale. Both must read as the picture looks."""
+    model, _ = trained
+    upright = Image.fromarray(as_photo(raw_test[0], size=(150, 120), at=(20, 20)).numpy())
+    expected = helpers.predict(model, upright, 3)
+    sideways = tmp_path / "portrait.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: turn 90 degrees clockwise to view
+    upright.transpose(Image.Transpose.ROTATE_90).save(sideways, quality=95, exif=exif)
+    assert helpers.predict(model, helpers.read_image(sideways), 3) == expected
+    sixteen = Image.fromarray((np.asarray(upright, np.uint16) * 257).astype(np.uint16))
+    assert sixteen.mode.startswith("I;16") and helpers.predict(model, sixteen, 3) == expected
+    assert helpers.predict(model, np.asarray(upright).astype(np.uint16), 3) == expected
+    with pytest.raises(ValueError, match="0..255"):
+        helpers.predict(model, np.asarray(upright).astype(np.uint16) * 257, 3)
+
+
+def test_a_stroke_lost_with_an_edge_line_is_refused_clearly(trained):
+    page = np.full((100, 100), 240, np.uint8)
+    page[:2] = 20  # a line along the top edge
+    page[3, 40:52] = 20  # a thin stroke just below it, within the line's rim
+    with pytest.raises(ValueError, match="no digit found: only lines along"):
+        helpers.predict(trained[0], page, 1)
 
 
 def test_predict_batch_rejects_empty_and_mismatched(trained, raw_test):
