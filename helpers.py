@@ -2117,10 +2117,10 @@ def plot_holdout_sweep(sweep: dict[str, dict[int, dict]], evidence: dict[int, di
                       label=f"{name}, {part} pairs")
     left.set(xlabel="pairs held out of training (of 100)", ylabel="sum accuracy (%)",
              ylim=(-3, 103), title="Accuracy on the pairs held out, and on the rest")
-    evidence = [evidence[k] for k in counts]
-    right.plot(counts, [e["equations"] for e in evidence], "o-", label="independent equations")
-    right.axhline(evidence[0]["needed"], color="gray", linestyle=":", label="needed to fix every position")
-    bars = right.bar(counts, [e["unseen_sums"] for e in evidence], width=4, color="tab:red", alpha=0.6,
+    shown = [evidence[k] for k in counts]
+    right.plot(counts, [e["equations"] for e in shown], "o-", label="independent equations")
+    right.axhline(shown[0]["needed"], color="gray", linestyle=":", label="needed to fix every position")
+    bars = right.bar(counts, [e["unseen_sums"] for e in shown], width=4, color="tab:red", alpha=0.6,
                      label="sums never seen in training")
     right.bar_label(bars, fontsize=9)
     right.set(xlabel="pairs held out of training (of 100)", ylabel="equations (line), sums (bars)",

@@ -722,18 +722,22 @@ def test_every_variant_round_trips(tmp_path, config):
     assert helpers.load_checkpoint(path).config() == config
 
 
+def edited_checkpoint(model, path, **changes):
+    """A checkpoint of `model` saved at `path`, then rewritten with `changes`."""
+    helpers.save_checkpoint(model, path)
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint.update(changes)
+    torch.save(checkpoint, path)
+    return path
+
+
 def test_a_version_1_checkpoint_loads_under_the_new_names(trained, test_split, tmp_path):
     """Version 1 named the layers without the digit_reader. and sum_head. submodules."""
     model, _ = trained
-    path = tmp_path / "v1.pt"
-    helpers.save_checkpoint(model, path)
-    checkpoint = torch.load(path, weights_only=True)
-    checkpoint["version"] = 1
-    checkpoint["state_dict"] = {name.split(".", 1)[1]: value
-                                for name, value in checkpoint["state_dict"].items()}
-    assert {"conv1.weight", "digit_position", "log_sharpness"} <= checkpoint["state_dict"].keys()
-    torch.save(checkpoint, path)
-    loaded = helpers.load_checkpoint(path)
+    old_names = {name.split(".", 1)[1]: value.cpu() for name, value in model.state_dict().items()}
+    assert {"conv1.weight", "digit_position", "log_sharpness"} <= old_names.keys()
+    loaded = helpers.load_checkpoint(edited_checkpoint(model, tmp_path / "v1.pt", version=1,
+                                                       state_dict=old_names))
     images, numbers = test_split.images[:50], test_split.numbers[:50]
     with torch.no_grad():
         for original, reloaded in zip(model.eval()(images, numbers), loaded(images, numbers)):
@@ -741,11 +745,7 @@ def test_a_version_1_checkpoint_loads_under_the_new_names(trained, test_split, t
 
 
 def test_a_checkpoint_from_a_newer_version_is_refused_in_one_line(tmp_path):
-    path = tmp_path / "v9.pt"
-    helpers.save_checkpoint(helpers.Net(), path)
-    checkpoint = torch.load(path, weights_only=True)
-    checkpoint["version"] = 9
-    torch.save(checkpoint, path)
+    path = edited_checkpoint(helpers.Net(), tmp_path / "v9.pt", version=9)
     with pytest.raises(helpers.CheckpointError, match="version 9.*update helpers.py") as error:
         helpers.load_checkpoint(path)
     assert "\n" not in str(error.value)
