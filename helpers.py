@@ -6,11 +6,11 @@ training, using a model, checkpoints, plots, benchmark and the command line
 (``python helpers.py --help``).
 
 Three conventions hold in every function:
-- device: only entry points choose one, with `try_device` (the command line, `benchmark`,
+- device: only entry points choose one, with `choose_device` (the command line, `benchmark`,
   the notebook's first cell). Everything else follows what it is given: a `Split`'s
   tensors for training and evaluation, the model's weights for `predict`.
-- precision: "auto" by default everywhere. Functions that run the network resolve it once
-  with `choose_precision`: bf16 on a CPU that computes it natively, fp32 elsewhere.
+- precision: "auto" by default; `choose_precision` resolves it once, by the one policy under
+  "device and precision" below. Scores and answers are always computed in fp32.
 - data: `root=None` means $MNIST_DATA_DIR, or ./data when that is unset.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
@@ -55,9 +56,32 @@ REFERENCE_EPOCHS_TO_99 = 5  # measured for it on a GPU (issue 4)
 
 
 # ----------------------------------------------------------------------------- device and precision
+#
+# The one policy for where and how the network computes.
+#
+# Device: entry points (the command line, `benchmark`, the notebook's first cell) pick one with
+# `choose_device`; every other function follows the tensors it is given.
+#
+# Precision: `choose_precision` resolves "auto" once, for the device at hand:
+#
+#   device  "auto" gives                                 may also ask for
+#   cpu     bf16 where the CPU computes it natively        fp32; bf16 anywhere (emulated bf16
+#           (AVX512-BF16 or AMX), else fp32                is slower than fp32)
+#   cuda    bf16 where the GPU has it natively (compute    fp32; fp16; bf16 only where native
+#           capability 8.0 and up: A100, L4, H100), else
+#           fp16 with a gradient scaler (T4, V100)
+#   mps     fp32: mixed precision there is unmeasured      nothing else
+#
+# Only the convolutions run in bf16 or fp16 (`autocast`); the weights, the optimizer, the sum
+# head and the losses stay fp32. Every score and every answer (`evaluate`, `predict`) is
+# computed in fp32, so a model gives the same answers whatever it was trained in.
 
-def try_device(name: str = "auto") -> torch.device:
-    """cuda, then mps, then cpu for "auto"; a named device must be available."""
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_HALF_TYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def choose_device(name: str = "auto") -> torch.device:
+    """cuda, then mps, then cpu for "auto"; a named device must be available here."""
     available = {"cpu": True, "cuda": torch.cuda.is_available(),
                  "mps": getattr(torch.backends, "mps", None) is not None
                  and torch.backends.mps.is_available()}
@@ -70,57 +94,104 @@ def try_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def sync(device: torch.device):
-    """Waits for queued GPU work, so a timer reads the real time."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def has_native_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether the device does bf16 arithmetic in hardware.
 
-
-def describe_machine(device: torch.device) -> str:
-    """One line naming the hardware, for stating where a figure was measured."""
-    import platform
-    if device.type == "cuda":
-        return f"GPU: {torch.cuda.get_device_name(device)}"
-    return f"{device.type.upper()}: {os.cpu_count()} cores, {platform.machine()}, torch {torch.__version__}"
-
-
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def has_native_bf16() -> bool:
-    """Whether this CPU does bf16 arithmetic in hardware (AVX512-BF16 or AMX).
-
-    Elsewhere PyTorch emulates bf16, which is slower than fp32. The checks are PyTorch's own
-    CPU feature probes; a version without them counts as no.
+    CPU: AVX512-BF16 or AMX, by PyTorch's own feature probes (a version without them counts as
+    no). CUDA: compute capability 8.0 or later; `torch.cuda.is_bf16_supported()` is no guide,
+    since by default it also answers True where bf16 is only emulated (a T4).
     """
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+    device = torch.device(device)
+    if device.type == "cpu":
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return False
 
 
 def choose_precision(precision: str, device: torch.device) -> str:
-    """"auto" is bf16 on a CPU with native bf16 and fp32 everywhere else.
-
-    bf16 has only been measured on the CPU, so CUDA and MPS keep fp32 until someone measures it.
-    """
+    """"fp32", "bf16" or "fp16" for `precision` on `device`, by the table above; a precision
+    the device cannot run raises ValueError with what to use instead."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    kind = device.type
     if precision == "auto":
-        return "bf16" if device.type == "cpu" and has_native_bf16() else "fp32"
-    if precision == "bf16" and device.type != "cpu":
-        raise ValueError(f"bf16 is only supported on the CPU here, not on {device.type}; use fp32")
+        if has_native_bf16(device):
+            return "bf16"
+        return "fp16" if kind == "cuda" else "fp32"
+    if precision == "fp32":
+        return precision
+    if kind == "mps":
+        raise ValueError(f"{precision} is not offered on MPS: mixed precision there has not been "
+                         f"measured; use fp32")
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"{precision} runs on the CPU or a CUDA GPU, not on {kind}; use fp32")
+    if precision == "fp16" and kind == "cpu":
+        raise ValueError("fp16 runs on CUDA GPUs only: CPUs have no fast fp16; use bf16 or fp32")
+    if precision == "bf16" and kind == "cuda" and not has_native_bf16(device):
+        raise ValueError(f"this GPU ({torch.cuda.get_device_name(device)}) has no native bf16 "
+                         f"(it needs compute capability 8.0 or later); use fp16 or fp32")
     return precision
 
 
 def autocast(precision: str, device: torch.device):
-    """Runs convolutions and matrix products in a resolved `precision`, "fp32" or "bf16"."""
-    if precision != "bf16":  # no autocast at all: torch 2.3 and 2.4 refuse even a disabled one on MPS
+    """Runs convolutions and matrix products in a resolved `precision`; fp32 changes nothing."""
+    if precision == "fp32":  # no autocast object at all: torch 2.3 and 2.4 refuse one on MPS
         return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, dtype=_HALF_TYPES[precision])
 
 
-def fp32_only(device: torch.device):
-    """Turns an enclosing bf16 autocast off. Only the CPU runs bf16 here (`choose_precision`)."""
-    return torch.autocast("cpu", enabled=False) if device.type == "cpu" else nullcontext()
+def full_precision(device: torch.device):
+    """Turns an enclosing `autocast` off on any device, for code that must run in fp32."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return nullcontext()  # no autocast ever runs elsewhere (see `choose_precision`)
+
+
+def gradient_scaler(precision: str, device: torch.device):
+    """A GradScaler for fp16, whose small gradients would otherwise round to zero; None for
+    fp32 and bf16, which have fp32's range."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+def memory_format(device: torch.device) -> torch.memory_format:
+    """channels_last where a measurement says it helps: on the CPU, convolutions train about
+    1.4 times as fast with it. On CUDA it is unmeasured here; on MPS its convolutions' backward
+    gave wrong results in torch 2.5 (pytorch issues 140902 and 142344)."""
+    return torch.channels_last if device.type == "cpu" else torch.contiguous_format
+
+
+def synchronize(device: torch.device):
+    """Waits until the device has done all the work queued on it, so a timer reads real time."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def describe_machine(device: torch.device) -> str:
+    """One line naming the hardware, for stating where a figure was measured."""
+    if device.type == "cuda":
+        return f"GPU: {torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    if device.type == "cpu":
+        bf16 = "native bf16" if has_native_bf16(device) else "no native bf16"
+        return f"CPU: {_cpu_name()}, {os.cpu_count()} cores, {bf16}, torch {torch.__version__}"
+    return f"{device.type.upper()}, torch {torch.__version__}"
+
+
+def _cpu_name() -> str:
+    import platform
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def _to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Copies results to the CPU: the one place where evaluation waits for the device."""
+    return [tensor.cpu() for tensor in tensors]
 
 
 # ----------------------------------------------------------------------------- data
@@ -263,22 +334,26 @@ def choose_holdout_pairs(count: int, seed: int = 0) -> tuple[tuple[int, int], ..
 
 def draw_training_numbers(labels: torch.Tensor, generator: torch.Generator,
                           holdout: torch.Tensor | None = None) -> torch.Tensor:
-    """Fresh numbers for one epoch, on the CPU; never a held-out (digit, number) pair."""
-    labels = labels.cpu()
+    """Fresh numbers for one epoch, never a held-out (digit, number) pair, on `labels`' device.
+
+    The random draws come from `generator` (on the CPU) and are copied once, so a seed gives
+    the same numbers on every device, and the labels never leave theirs.
+    """
     if holdout is None:
-        return torch.randint(0, NUM_DIGITS, (len(labels),), generator=generator)
+        return torch.randint(0, NUM_DIGITS, (len(labels),), generator=generator).to(labels.device)
     # Uniform over each digit's allowed numbers: allowed[d] lists them, held-out ones last.
-    allowed = torch.sort(holdout.long(), dim=1, stable=True).indices
-    counts = (~holdout).sum(dim=1)
-    choice = (torch.rand(len(labels), generator=generator) * counts[labels]).long()
-    return allowed[labels, torch.minimum(choice, counts[labels] - 1)]  # rand * n may round up to n
+    allowed = torch.sort(holdout.long(), dim=1, stable=True).indices.to(labels.device)
+    counts = (~holdout).sum(dim=1).to(labels.device)[labels]
+    choice = (torch.rand(len(labels), generator=generator).to(labels.device) * counts).long()
+    return allowed[labels, torch.minimum(choice, counts - 1)]  # rand * n may round up to n
 
 
 def epoch_batches(labels: torch.Tensor, batch_size: int, generator: torch.Generator,
                   holdout: torch.Tensor | None = None):
-    """One training epoch as (index, numbers) batches: a fresh order and fresh numbers."""
+    """One training epoch as (index, numbers) batches on `labels`' device: a fresh order and
+    fresh numbers, drawn at once."""
     order = torch.randperm(len(labels), generator=generator).to(labels.device)
-    numbers = draw_training_numbers(labels, generator, holdout).to(labels.device)
+    numbers = draw_training_numbers(labels, generator, holdout)
     for start in range(0, len(labels), batch_size):
         index = order[start:start + batch_size]
         yield index, numbers[index]
@@ -325,6 +400,7 @@ def _as_channels_first(image) -> torch.Tensor:
             image = image.permute(2, 0, 1)
     if not isinstance(image, torch.Tensor):
         raise TypeError(f"image must be a tensor, NumPy array or PIL image, got {type(image).__name__}")
+    image = image.detach().cpu()  # a picture on a GPU is prepared on the CPU, as any other
     if image.dtype == torch.bool or image.is_complex():
         raise TypeError(f"image must hold intensities, got dtype {image.dtype}")
     shape = list(image.shape)
@@ -932,64 +1008,79 @@ def nondigit_photos(count: int = 500, seed: int = 0) -> list:
 OUTLIER_CANVAS = 32  # drawn a little larger than MNIST, then framed as a photo would be
 
 
-def _canvas_grid(count: int):
-    """The canvas's coordinates, y and x in [-1, 1], shaped to broadcast over `count` images."""
-    y, x = torch.meshgrid(*[torch.linspace(-1, 1, OUTLIER_CANVAS)] * 2, indexing="ij")
-    return y.expand(count, -1, -1), x.expand(count, -1, -1)
+class _Draws:
+    """Random numbers drawn on the CPU from `generator`, so that a seed repeats them on every
+    device, and handed over on `device`, where the pictures are built."""
+
+    def __init__(self, generator: torch.Generator, device: torch.device):
+        self.generator, self.device = generator, device
+
+    def uniform(self, *shape) -> torch.Tensor:
+        return torch.rand(*shape, generator=self.generator).to(self.device)
+
+    def integers(self, low: int, high: int, *shape) -> torch.Tensor:
+        return torch.randint(low, high, shape, generator=self.generator).to(self.device)
+
+    def canvas(self, count: int):
+        """The canvas's coordinates, y and x in [-1, 1], shaped to broadcast over `count` images."""
+        line = torch.linspace(-1, 1, OUTLIER_CANVAS, device=self.device)
+        y, x = torch.meshgrid(line, line, indexing="ij")
+        return y.expand(count, -1, -1), x.expand(count, -1, -1)
 
 
-def _scrambled_digits(count, generator, digits):
+def _scrambled_digits(count, draws, digits):
     """MNIST digits cut into 4 x 4 tiles, shuffled, each turned by a multiple of 90 degrees:
     the strokes of a digit, but no digit."""
-    pick = torch.randint(len(digits), (count,), generator=generator)
-    tiles = denormalize(digits[pick].cpu()).clamp(0, 1).unfold(2, 7, 7).unfold(3, 7, 7)
+    pick = draws.integers(0, len(digits), count)
+    tiles = denormalize(digits[pick]).clamp(0, 1).unfold(2, 7, 7).unfold(3, 7, 7)
     tiles = tiles.reshape(count, 16, 7, 7)
-    tiles = tiles[torch.arange(count)[:, None], torch.rand(count, 16, generator=generator).argsort(1)]
-    turns = torch.randint(4, (count, 16), generator=generator)
-    for turn in range(1, 4):
-        tiles[turns == turn] = tiles[turns == turn].rot90(turn, (1, 2))
+    tiles = tiles[torch.arange(count, device=draws.device)[:, None], draws.uniform(count, 16).argsort(1)]
+    turns = draws.integers(0, 4, count, 16)[..., None, None]
+    for turn in range(1, 4):  # a quarter turn more for each tile due at least `turn` of them
+        tiles = torch.where(turns >= turn, tiles.rot90(1, (2, 3)), tiles)
     image = tiles.reshape(count, 4, 4, 7, 7).permute(0, 1, 3, 2, 4).reshape(count, 1, 28, 28)
     return F.interpolate(image, size=(OUTLIER_CANVAS,) * 2, mode="bilinear", align_corners=False)[:, 0]
 
 
-def _blobs(count, generator, digits=None):
-    """One to three large filled ellipses: a stain, a ball, a face."""
-    y, x = _canvas_grid(count)
-    field = torch.zeros(count, OUTLIER_CANVAS, OUTLIER_CANVAS)
-    for _ in range(3):
-        centre_y, centre_x, radius_y, radius_x, shown = torch.rand(5, count, 1, 1, generator=generator)
+def _blobs(count, draws, digits=None):
+    """One to three large filled ellipses: a stain, a ball, a face. The first always shows."""
+    y, x = draws.canvas(count)
+    field = torch.zeros(count, OUTLIER_CANVAS, OUTLIER_CANVAS, device=draws.device)
+    for blob in range(3):
+        centre_y, centre_x, radius_y, radius_x, shown = draws.uniform(5, count, 1, 1)
         inside = ((y - 1.2 * centre_y + 0.6) / (0.25 + 0.6 * radius_y)) ** 2 \
             + ((x - 1.2 * centre_x + 0.6) / (0.25 + 0.6 * radius_x)) ** 2 < 1
-        field = torch.maximum(field, (inside & (shown < 0.6)).float())
-    return field * (0.6 + 0.4 * torch.rand(count, 1, 1, generator=generator))
+        field = torch.maximum(field, (inside & ((shown < 0.6) | (blob == 0))).float())
+    return field * (0.6 + 0.4 * draws.uniform(count, 1, 1))
 
 
-def _textures(count, generator, digits=None):
-    """Smooth noise above a level: patches of many shapes (leaves, gravel, fabric)."""
-    field = torch.empty(count, OUTLIER_CANVAS, OUTLIER_CANVAS)
-    cells = torch.randint(4, 15, (count,), generator=generator)
+def _textures(count, draws, digits=None):
+    """Smooth noise above a level (a share of its highest): patches of many shapes (leaves,
+    gravel, fabric)."""
+    field = torch.empty(count, OUTLIER_CANVAS, OUTLIER_CANVAS, device=draws.device)
+    cells = torch.randint(4, 15, (count,), generator=draws.generator)  # on the CPU: sizes to loop over
     for cell in cells.unique().tolist():
-        chosen = (cells == cell).nonzero().flatten()
-        coarse = torch.rand(len(chosen), 1, cell, cell, generator=generator)
+        chosen = (cells == cell).nonzero().flatten().to(draws.device)
+        coarse = draws.uniform(len(chosen), 1, cell, cell)
         field[chosen] = F.interpolate(coarse, size=(OUTLIER_CANVAS,) * 2, mode="bicubic",
                                       align_corners=False)[:, 0]
-    level = 0.4 + 0.3 * torch.rand(count, 1, 1, generator=generator)
+    level = (0.4 + 0.3 * draws.uniform(count, 1, 1)) * field.amax((1, 2), keepdim=True)
     return (field - level).clamp(min=0) / (1 - level)
 
 
-def _edges(count, generator, digits=None):
+def _edges(count, draws, digits=None):
     """A soft or sharp step in brightness along a random line: a table's edge, a shadow."""
-    y, x = _canvas_grid(count)
-    angle, offset, softness = torch.rand(3, count, 1, 1, generator=generator)
+    y, x = draws.canvas(count)
+    angle, offset, softness = draws.uniform(3, count, 1, 1)
     angle = 2 * math.pi * angle
     distance = torch.cos(angle) * x + torch.sin(angle) * y - (1.2 * offset - 0.6)
     return torch.sigmoid(distance / (0.01 + 0.3 * softness))
 
 
-def _stripes(count, generator, digits=None):
+def _stripes(count, draws, digits=None):
     """Parallel or crossed bars at a random angle and spacing: ruled paper, blinds, a grid."""
-    y, x = _canvas_grid(count)
-    angle, spacing, width, phase, crossed = torch.rand(5, count, 1, 1, generator=generator)
+    y, x = draws.canvas(count)
+    angle, spacing, width, phase, crossed = draws.uniform(5, count, 1, 1)
     angle, spacing, width = math.pi * angle, 0.15 + 0.4 * spacing, 0.15 + 0.35 * width
     along = (torch.cos(angle) * x + torch.sin(angle) * y) / spacing + phase
     across = (-torch.sin(angle) * x + torch.cos(angle) * y) / spacing + phase
@@ -997,14 +1088,14 @@ def _stripes(count, generator, digits=None):
     return torch.maximum(bars, (crossed < 0.4) * (across - across.floor() < width).float())
 
 
-def _scribbles(count, generator, digits=None):
+def _scribbles(count, draws, digits=None):
     """Eight to fifteen random straight strokes across the canvas: hatching, clutter."""
-    y, x = _canvas_grid(count)
-    field = torch.zeros(count, OUTLIER_CANVAS, OUTLIER_CANVAS)
-    strokes = torch.randint(8, 16, (count, 1, 1), generator=generator)
-    width = 0.04 + 0.08 * torch.rand(count, 1, 1, generator=generator)
-    for stroke in range(15):
-        start, end = 2 * torch.rand(2, count, 2, 1, 1, generator=generator) - 1
+    y, x = draws.canvas(count)
+    field = torch.zeros(count, OUTLIER_CANVAS, OUTLIER_CANVAS, device=draws.device)
+    strokes = draws.integers(8, 16, count, 1, 1)
+    width = 0.04 + 0.08 * draws.uniform(count, 1, 1)
+    ends = 2 * draws.uniform(15, 2, count, 2, 1, 1) - 1
+    for stroke, (start, end) in enumerate(ends):
         along = end - start
         t = (((x - start[:, 0]) * along[:, 0] + (y - start[:, 1]) * along[:, 1])
              / (along ** 2).sum(1).clamp(min=1e-6)).clamp(0, 1)
@@ -1022,13 +1113,13 @@ def _frame_outliers(ink: torch.Tensor) -> torch.Tensor:
     fitted into 20 px and its centre of mass put at the centre of 28 x 28, kept inside the
     frame. Softened (a 3 x 3 mean) before the shrink, as a photo's edges are. -> [B, 28, 28]."""
     count, height, width = ink.shape
+    device = ink.device
     ink = (ink / ink.flatten(1).quantile(0.995, dim=1).clamp(min=1e-6)[:, None, None]).clamp(0, 1)
     ink = torch.where(ink < 0.05, torch.zeros_like(ink), ink)
-    rows, cols = ink > 0, ink > 0
-    rows, cols = rows.any(2), cols.any(1)  # [B, H], [B, W]: which hold ink
-    empty = ~rows.any(1)
-    rows[empty], cols[empty] = True, True  # nothing drawn: frame the whole canvas
-    ys, xs = torch.arange(height), torch.arange(width)
+    rows, cols = (ink > 0).any(2), (ink > 0).any(1)  # [B, H], [B, W]: which hold ink
+    empty = ~rows.any(1, keepdim=True)  # nothing drawn: frame the whole canvas
+    rows, cols = rows | empty, cols | empty
+    ys, xs = torch.arange(height, device=device), torch.arange(width, device=device)
     top, left = torch.where(rows, ys, height).amin(1).float(), torch.where(cols, xs, width).amin(1).float()
     box_h = torch.where(rows, ys, -1).amax(1).float() + 1 - top
     box_w = torch.where(cols, xs, -1).amax(1).float() + 1 - left
@@ -1048,7 +1139,8 @@ def _frame_outliers(ink: torch.Tensor) -> torch.Tensor:
     grid = F.affine_grid(theta, [count, 1, FRAME, FRAME], align_corners=False)
     framed = F.grid_sample(ink, grid, align_corners=False)[:, 0]
     # Outside the box is paper: the sampling reached past it only by interpolation.
-    frame_y, frame_x = torch.arange(FRAME)[None, :, None] + 0.5, torch.arange(FRAME)[None, None, :] + 0.5
+    centres = torch.arange(FRAME, device=device) + 0.5
+    frame_y, frame_x = centres[None, :, None], centres[None, None, :]
     inside = ((frame_y >= out_top[:, None, None]) & (frame_y <= (out_top + box_h * scale)[:, None, None])
               & (frame_x >= out_left[:, None, None]) & (frame_x <= (out_left + box_w * scale)[:, None, None]))
     return (framed * inside).clamp(0, 1)
@@ -1060,16 +1152,17 @@ def outlier_batch(count: int, generator: torch.Generator, digits: torch.Tensor) 
     Each is one of OUTLIER_KINDS (scrambled `digits`, blobs, textures, edges, stripes or
     scribbles), drawn as batched tensor ops, given a little noise or blur as a photo would,
     then framed the way the preparation frames a picture. `digits`: normalized MNIST images
-    [N, 1, 28, 28] to scramble. All draws come from `generator`, so a seed repeats them.
+    [N, 1, 28, 28] to scramble; the outliers are built on their device. All draws come from
+    `generator` (on the CPU), so a seed repeats them on any device.
     """
-    kind = torch.randint(len(OUTLIER_KINDS), (count,), generator=generator)
-    ink = torch.zeros(count, OUTLIER_CANVAS, OUTLIER_CANVAS)
+    draws = _Draws(generator, digits.device)
+    kind = torch.randint(len(OUTLIER_KINDS), (count,), generator=generator)  # on the CPU, to loop over
+    ink = torch.zeros(count, OUTLIER_CANVAS, OUTLIER_CANVAS, device=digits.device)
     for index, draw in enumerate(OUTLIER_KINDS):
         chosen = (kind == index).nonzero().flatten()
         if len(chosen):
-            ink[chosen] = draw(len(chosen), generator, digits)
-    noise, noisy, blurry = torch.rand(count, OUTLIER_CANVAS, OUTLIER_CANVAS, generator=generator), \
-        *torch.rand(2, count, 1, 1, generator=generator)
+            ink[chosen.to(digits.device)] = draw(len(chosen), draws, digits)
+    noise, (noisy, blurry) = draws.uniform(count, OUTLIER_CANVAS, OUTLIER_CANVAS), draws.uniform(2, count, 1, 1)
     ink = ink + 0.05 * noise * (noisy < 0.5)
     blurred = F.avg_pool2d(ink[:, None], 5, stride=1, padding=2, count_include_pad=False)[:, 0]
     ink = torch.where(blurry < 0.3, blurred, ink)
@@ -1137,7 +1230,7 @@ class SumHead(nn.Module):
 
     def forward(self, digit_logits: torch.Tensor, one_hot: torch.Tensor) -> torch.Tensor:
         """digit logits [B, 10] and one-hot numbers [B, 10] -> sum log-probs [B, 19]."""
-        with fp32_only(digit_logits.device):
+        with full_precision(digit_logits.device):
             return self.log_probs(digit_logits.float(), one_hot.float())
 
     def log_probs(self, digit_logits: torch.Tensor, one_hot: torch.Tensor) -> torch.Tensor:
@@ -1196,8 +1289,8 @@ class LineHead(SumHead):
                 for name in ("digit", "number", "sum")}
 
     def extra_repr(self):
-        return (f"positions: {NUM_DIGITS} digits, {NUM_DIGITS} numbers, {NUM_SUMS} sums; "
-                f"sharpness k = {float(self.log_sharpness.detach().exp()):.3g}")
+        sharpness = "?" if self.log_sharpness.is_meta else f"{float(self.log_sharpness.detach().exp()):.3g}"
+        return f"positions: {NUM_DIGITS} digits, {NUM_DIGITS} numbers, {NUM_SUMS} sums; sharpness k = {sharpness}"
 
 
 class AdderHead(LineHead):
@@ -1229,7 +1322,7 @@ class AdderHead(LineHead):
         says nothing more about the image, and a half-ordered line pushing it cost digit
         accuracy (99.25 % against 99.52 % after 3 epochs).
         """
-        with fp32_only(digit_logits.device):
+        with full_precision(digit_logits.device):
             per_digit = self.sum_given_digit(one_hot.float())  # [B, 10, 19]
             weights = F.log_softmax(digit_logits.float(), 1).exp().detach()
             target = sums[:, None, None].expand(-1, NUM_DIGITS, 1)
@@ -1344,32 +1437,28 @@ def confusion_matrix(truth: torch.Tensor, predicted: torch.Tensor, classes: int)
 
 
 @torch.no_grad()
-def digit_logits_of(model: Net, split: Split, precision: str = "auto",
-                    batch_size: int = 1000) -> torch.Tensor:
-    """The digit logits [N, 10] (fp32) of every image in the split."""
-    device = split.images.device
-    precision = choose_precision(precision, device)
+def digit_logits_of(model: Net, split: Split, batch_size: int = 1000) -> torch.Tensor:
+    """The digit logits [N, 10] of every image in the split, in fp32, on the split's device."""
     model.eval()
-    parts = []
-    for start in range(0, len(split), batch_size):
-        with autocast(precision, device):
-            parts.append(model.digit_logits(split.images[start:start + batch_size]).float())
-    return torch.cat(parts)
+    return torch.cat([model.digit_logits(split.images[start:start + batch_size]).float()
+                      for start in range(0, len(split), batch_size)])
 
 
 @torch.no_grad()
-def evaluate(model: Net, split: Split, precision: str = "auto", batch_size: int = 1000) -> Evaluation:
-    """Average loss, accuracies, consistency and confusion matrices on the split's numbers."""
+def evaluate(model: Net, split: Split, batch_size: int = 1000) -> Evaluation:
+    """Average loss, accuracies, consistency and confusion matrices on the split's numbers, in
+    fp32 (as `predict` answers), whatever the model was trained in."""
     if split.numbers is None:
         raise ValueError("evaluate needs a split with fixed numbers (load_split(train=False))")
-    logits = digit_logits_of(model, split, precision, batch_size)
+    logits = digit_logits_of(model, split, batch_size)
     digit_lp, sum_lp = F.log_softmax(logits, 1), model.sum_head(logits, as_one_hot(split.numbers))
-    loss = loss_fn(digit_lp, sum_lp, split.labels, split.sums).item()
-    digit_pred, sum_pred = digit_lp.argmax(1).cpu(), sum_lp.argmax(1).cpu()
-    labels, sums, numbers = split.labels.cpu(), split.sums.cpu(), split.numbers.cpu()
+    loss = loss_fn(digit_lp, sum_lp, split.labels, split.sums)
+    loss, digit_pred, sum_pred, labels, numbers = _to_host(
+        loss, digit_lp.argmax(1), sum_lp.argmax(1), split.labels, split.numbers)
+    sums = labels + numbers
     digit_ok, sum_ok = digit_pred == labels, sum_pred == sums
     return Evaluation(
-        loss=loss, digit_correct=int(digit_ok.sum()), sum_correct=int(sum_ok.sum()),
+        loss=float(loss), digit_correct=int(digit_ok.sum()), sum_correct=int(sum_ok.sum()),
         both_correct=int((digit_ok & sum_ok).sum()),
         consistent=int((sum_pred == digit_pred + numbers).sum()), count=len(split),
         digit_confusion=confusion_matrix(labels, digit_pred, NUM_DIGITS),
@@ -1378,27 +1467,29 @@ def evaluate(model: Net, split: Split, precision: str = "auto", batch_size: int 
 
 
 @torch.no_grad()
-def evaluate_all_numbers(model: Net, split: Split, precision: str = "auto") -> dict:
+def evaluate_all_numbers(model: Net, split: Split) -> dict:
     """Every image with each of the 10 numbers: the convolutions once, the small head ten times.
 
     Returns `sum_acc` over all pairs, `per_number` [10] and `per_pair` [10 digits, 10 numbers]
     accuracies, and `pair_counts`, how many test pairs each cell holds.
     """
-    return sum_accuracy_by_pair(model.sum_head, digit_logits_of(model, split, precision), split.labels)
+    return sum_accuracy_by_pair(model.sum_head, digit_logits_of(model, split), split.labels)
 
 
 @torch.no_grad()
 def sum_accuracy_by_pair(head: SumHead, digit_logits: torch.Tensor, labels: torch.Tensor) -> dict:
     """`evaluate_all_numbers` from digit logits already computed: the sum head alone."""
-    correct = torch.zeros(NUM_DIGITS, NUM_DIGITS)  # [digit, number]
+    digits = F.one_hot(labels, NUM_DIGITS).float()  # [N, 10]: counts per digit by a product
+    correct = []
     for number in range(NUM_DIGITS):
         one_hot = F.one_hot(torch.full_like(labels, number), NUM_DIGITS).float()
-        ok = head(digit_logits, one_hot).argmax(1) == labels + number
-        correct[:, number] = torch.bincount(labels[ok], minlength=NUM_DIGITS).cpu().float()
-    counts = torch.bincount(labels.cpu(), minlength=NUM_DIGITS)[:, None].expand(-1, NUM_DIGITS)
+        right = (head(digit_logits, one_hot).argmax(1) == labels + number).float()
+        correct.append(right @ digits)  # [10 digits]
+    correct, counts = _to_host(torch.stack(correct, 1), digits.sum(0))  # [digit, number], [digit]
+    counts = counts[:, None].expand(-1, NUM_DIGITS)
     return {"sum_acc": float(correct.sum() / counts.sum()),
             "per_number": (correct.sum(0) / counts.sum(0)).tolist(),
-            "per_pair": correct / counts, "pair_counts": counts.clone()}
+            "per_pair": correct / counts, "pair_counts": counts.long()}
 
 
 def results_table(result: Evaluation, all_numbers: dict) -> str:
@@ -1455,34 +1546,39 @@ def _max3x3(images: torch.Tensor) -> torch.Tensor:
     return torch.maximum(torch.maximum(rows[..., :-2, :], rows[..., 1:-1, :]), rows[..., 2:, :])
 
 
-def augment(images: torch.Tensor, generator: torch.Generator, strength: float = 1.0) -> torch.Tensor:
-    """A randomly distorted copy of normalized images [B, 1, H, W], as batched tensor ops.
-
-    Each image is rotated, scaled and shifted (one affine warp), then a quarter of them get
-    thicker strokes and a third thinner ones, by blending towards a 3 x 3 max-pool or min-pool.
-    `strength` scales every range, so 0 gives the images back unchanged. The random draws come
-    from `generator` (on the CPU), so a seed repeats them.
-    """
-    count, device = len(images), images.device
-
+def draw_distortions(count: int, generator: torch.Generator, strength: float = 1.0) -> torch.Tensor:
+    """Random settings for `augment`, one row per image, [count, 6]: rotation (radians), scale,
+    shift along x and y (pixels), which stroke change (below AUGMENT_THICKER: thicker; then,
+    up to AUGMENT_THINNER more: thinner; else none) and how much of it. `strength` scales every
+    range, so 0 draws no change. Drawn on the CPU from `generator`, so a seed repeats them on
+    every device; `train` draws a whole epoch's at once and copies them to the device once."""
     def uniform(*shape):  # in [-strength, strength]
         return strength * (2 * torch.rand(*shape, generator=generator) - 1)
 
     angle = uniform(count) * math.radians(AUGMENT_DEGREES)
     scale = 1 + uniform(count) * AUGMENT_SCALE
-    shift = uniform(count, 2) * AUGMENT_SHIFT * 2 / images.shape[-1]  # the image spans [-1, 1]
-    cos, sin = angle.cos() / scale, angle.sin() / scale
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1),
-                         torch.stack([sin, cos, shift[:, 1]], 1)], 1)
-    grid = F.affine_grid(theta.to(device), list(images.shape), align_corners=False)
-    paper = normalize(torch.tensor(0.0))  # what the warp brings in from outside the frame
-    warped = F.grid_sample(images - paper, grid, align_corners=False) + paper
-    pick = torch.rand(count, generator=generator)[:, None, None, None].to(device)
+    shift = uniform(count, 2) * AUGMENT_SHIFT
+    pick = torch.rand(count, generator=generator)
     weight = (strength * torch.rand(count, generator=generator)).clamp(max=1)
+    return torch.stack([angle, scale, shift[:, 0], shift[:, 1], pick, weight], 1)
+
+
+def augment(images: torch.Tensor, distortions: torch.Tensor) -> torch.Tensor:
+    """Normalized images [B, 1, H, W] distorted by `draw_distortions`' rows [B, 6], on the
+    images' device, as batched tensor ops: each is rotated, scaled and shifted (one affine
+    warp), then its strokes are thickened or thinned by blending towards a 3 x 3 max-pool or
+    min-pool."""
+    angle, scale, shift_x, shift_y, pick, weight = distortions.T[..., None, None, None]
+    cos, sin = angle.cos() / scale, angle.sin() / scale
+    shift_x, shift_y = (2 / images.shape[-1]) * shift_x, (2 / images.shape[-2]) * shift_y  # to [-1, 1]
+    theta = torch.cat([cos, -sin, shift_x, sin, cos, shift_y], 1).view(-1, 2, 3)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    paper = -MNIST_MEAN / MNIST_STD  # black, normalized: what the warp brings in from outside
+    warped = F.grid_sample(images - paper, grid, align_corners=False) + paper
     thicker, thinner = _max3x3(warped), -_max3x3(-warped)
     target = torch.where(pick < AUGMENT_THICKER, thicker,
                          torch.where(pick < AUGMENT_THICKER + AUGMENT_THINNER, thinner, warped))
-    return warped + weight[:, None, None, None].to(device) * (target - warped)
+    return warped + weight * (target - warped)
 
 
 @dataclass
@@ -1496,14 +1592,15 @@ class Batch:
 
 
 def train_step(model: Net, optimizer, batch: Batch, precision: str,
-               outlier_weight: float = 0.0) -> torch.Tensor:
+               outlier_weight: float = 0.0, scaler=None) -> torch.Tensor:
     """One optimizer step on a batch, with `precision` already resolved.
 
     The outliers go through the digit reader with the images, and their digit answer is
     pulled towards no preference (`uniform_loss`, weighted by `outlier_weight`); the sum head
     never sees them. Only the convolutions run under autocast; the heads, the loss and the
-    weights stay fp32. Returns the batch's `loss_fn` (the digits' and sums' loss, as the test
-    line reports it), still on the device.
+    weights stay fp32. `scaler`: `gradient_scaler(precision, device)`, needed for fp16.
+    Returns the batch's `loss_fn` (the digits' and sums' loss, as the test line reports it),
+    still on the device: reading it would make the CPU wait for the device.
     """
     count, images = len(batch.labels), batch.images
     if batch.outliers is not None and len(batch.outliers):  # one pass: they share the batch's
@@ -1518,8 +1615,13 @@ def train_step(model: Net, optimizer, batch: Batch, precision: str,
         answers = F.log_softmax(digit_logits, 1), model.sum_head(digit_logits, as_one_hot(numbers))
         reported = loss_fn(*answers, labels, labels + numbers)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:  # fp16: scale the loss up so small gradients survive, and back down before the step
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
     return reported
 
 
@@ -1599,15 +1701,16 @@ class TrainingData:
         return math.ceil(len(self.split) / self.recipe.batch_size)
 
     def epoch(self):
-        """One epoch of `Batch`es. The epoch's outliers are drawn at once (batched, faster)."""
-        split, recipe, per_batch = self.split, self.recipe, self.recipe.outliers
-        outliers = outlier_batch(len(self) * per_batch, self.outlier_rng, split.images) \
-            .to(split.images.device) if per_batch else None
-        for step, (index, numbers) in enumerate(
-                epoch_batches(split.labels, recipe.batch_size, self.data_rng, self.holdout)):
+        """One epoch of `Batch`es, on the split's device. Its random choices (order, numbers,
+        distortions, outliers) are drawn at once and copied to the device once."""
+        split, recipe, size, per_batch = self.split, self.recipe, self.recipe.batch_size, self.recipe.outliers
+        outliers = outlier_batch(len(self) * per_batch, self.outlier_rng, split.images) if per_batch else None
+        distortions = draw_distortions(len(split), self.augment_rng, recipe.augment) \
+            .to(split.images.device) if recipe.augment else None
+        for step, (index, numbers) in enumerate(epoch_batches(split.labels, size, self.data_rng, self.holdout)):
             images = split.images[index]
-            if recipe.augment:
-                images = augment(images, self.augment_rng, recipe.augment)
+            if distortions is not None:
+                images = augment(images, distortions[step * size:(step + 1) * size])
             yield Batch(images, split.labels[index], numbers,
                         None if outliers is None else outliers[step * per_batch:(step + 1) * per_batch])
 
@@ -1616,39 +1719,45 @@ def train(model: Net, train_split: Split, test_split: Split, recipe: Recipe = Re
           progress: bool = True, log=print, on_epoch=None, stop_requested=None) -> list[dict]:
     """Adam with a one-cycle schedule; fresh order, numbers and distortions every epoch.
 
-    After each epoch, `log` gets the test line and `on_epoch` the history so far. Returns one
-    dict per epoch: `epoch`, `train_seconds`, `precision`, `train_loss` (the loss of the
-    training batches' answers, averaged over the epoch) and `evaluate(...).summary()`.
-    `stop_requested`: checked after every step; once it returns True, training raises
-    KeyboardInterrupt there, between two steps (the command line's Ctrl-C).
+    Trains on the splits' device, which the model is moved to. After each epoch, `log` gets the
+    test line and `on_epoch` the history so far. Returns one dict per epoch: `epoch`,
+    `train_seconds`, `precision`, `train_loss` (the loss of the training batches' answers,
+    averaged over the epoch) and `evaluate(...).summary()`. `stop_requested`: checked after
+    every step; once it returns True, training raises KeyboardInterrupt there, between two
+    steps (the command line's Ctrl-C).
     """
+    device = train_split.images.device
     if test_split.numbers is None:  # found now, not after the first epoch
         raise ValueError("the test split needs fixed numbers: use load_split(train=False)")
-    device = train_split.images.device
+    if test_split.images.device != device:
+        raise ValueError(f"the training split is on {device} but the test split on "
+                         f"{test_split.images.device}: load both with the same device=")
     precision = choose_precision(recipe.precision, device)
-    model.to(device, memory_format=torch.channels_last)  # about 1.4x faster convolutions on CPU
+    model.to(device, memory_format=memory_format(device))
     data = TrainingData(train_split, recipe)
     optimizer, schedule = one_cycle_adam(model.parameter_groups(recipe.lr), recipe.epochs * len(data))
+    scaler = gradient_scaler(precision, device)
     history = []
     for epoch in range(1, recipe.epochs + 1):
         model.train()
         started = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)  # stays on the device: no sync per step
+        loss_sum = torch.zeros((), device=device)  # stays on the device until the epoch ends
         with progress_bar(len(data), f"Epoch {epoch}/{recipe.epochs}", disable=not progress) as bar:
-            for step, batch in zip(bar, data.epoch()):
-                loss_sum += train_step(model, optimizer, batch, precision,
-                                       recipe.outlier_weight) * len(batch.labels)
-                schedule.step()
+            for _, batch in zip(bar, data.epoch()):
+                loss_sum += train_step(model, optimizer, batch, precision, recipe.outlier_weight,
+                                       scaler) * len(batch.labels)
+                with warnings.catch_warnings():  # fp16's scaler skips a step whose gradients
+                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+                    schedule.step()  # overflowed; the schedule moves on regardless, as intended
                 if stop_requested is not None and stop_requested():
                     raise KeyboardInterrupt
-                if step % 50 == 49 or step == len(data) - 1:  # .item() waits for the device
-                    seen = min(len(train_split), (step + 1) * recipe.batch_size)
-                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}")
-        sync(device)
-        seconds = time.perf_counter() - started
-        result = evaluate(model, test_split, precision)
+            synchronize(device)
+            seconds = time.perf_counter() - started
+            train_loss = float(_to_host(loss_sum)[0]) / len(train_split)
+            bar.set_postfix(loss=f"{train_loss:.4f}")
+        result = evaluate(model, test_split)
         history.append({"epoch": epoch, "train_seconds": seconds, "precision": precision,
-                        "train_loss": loss_sum.item() / len(train_split), **result.summary()})
+                        "train_loss": train_loss, **result.summary()})
         if log:
             log(result.test_line())
         if on_epoch:
@@ -1656,31 +1765,51 @@ def train(model: Net, train_split: Split, test_split: Split, recipe: Recipe = Re
     return history
 
 
+@contextmanager
+def _seeded(seed: int):
+    """Inside, the CPU's random generator starts from `seed`; after, the caller's generators
+    (the CPU's and every GPU's) are as they were."""
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)  # torch.manual_seed would reseed GPUs too
+        yield
+
+
 def train_sum_head(kind: str, digit_logits: torch.Tensor, labels: torch.Tensor,
                    recipe: Recipe = Recipe(epochs=2), sum_classes: torch.Tensor | None = None) -> SumHead:
-    """A fresh sum head of `kind`, trained alone on the frozen digit logits of a trained network.
+    """A fresh sum head of `kind`, trained alone on the frozen digit logits of a trained network,
+    on their device.
 
     The same loss, optimizer and schedule as `train` (and `recipe.holdout`), in seconds rather
     than minutes, because no convolution runs. `sum_classes` [19], if given, is the class each
     true sum is taught as: a permutation scrambles the labels.
     """
-    with torch.random.fork_rng(devices=[]):  # a seeded start, without resetting the caller's seed
-        torch.manual_seed(recipe.seed)
+    with _seeded(recipe.seed):  # built on the CPU from a seeded start, then moved
         head = make_sum_head(kind).to(digit_logits.device).train()
     generator = torch.Generator().manual_seed(recipe.seed)
     holdout = None if recipe.holdout is None else pairs_table(recipe.holdout)
+    classes = torch.arange(NUM_SUMS) if sum_classes is None else sum_classes
+    classes = classes.to(labels.device)
     optimizer, schedule = one_cycle_adam(parameter_groups(recipe.lr, head),
                                          recipe.epochs * math.ceil(len(labels) / recipe.batch_size))
     for _ in range(recipe.epochs):
         for index, numbers in epoch_batches(labels, recipe.batch_size, generator, holdout):
-            sums = labels[index] + numbers
-            targets = sums if sum_classes is None else sum_classes.to(sums.device)[sums]
-            loss = head.loss(digit_logits[index], as_one_hot(numbers), targets)
+            loss = head.loss(digit_logits[index], as_one_hot(numbers), classes[labels[index] + numbers])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
     return head.eval()
+
+
+def sum_accuracy(head: SumHead, digit_logits: torch.Tensor, labels: torch.Tensor,
+                 numbers: torch.Tensor, sum_classes: torch.Tensor | None = None) -> float:
+    """The share of (digit logits, number) pairs whose sum `head` answers right; with
+    `sum_classes`, right under those class names (see `train_sum_head`)."""
+    with torch.no_grad():
+        answers = head(digit_logits, as_one_hot(numbers)).argmax(1)
+    sums = labels + numbers
+    truth = sums if sum_classes is None else sum_classes.to(sums.device)[sums]
+    return float(_to_host((answers == truth).float().mean())[0])
 
 
 # ----------------------------------------------------------------------------- using a model
@@ -1737,7 +1866,7 @@ def predict_log_probs(model: Net, images, numbers,
     answers = [model(batch[start:start + 1000].to(device),  # a thousand at a time: bounded memory
                      torch.tensor(numbers[start:start + 1000], device=device))
                for start in range(0, len(batch), 1000)]
-    return tuple(torch.cat(parts).cpu() for parts in zip(*answers))
+    return tuple(_to_host(*(torch.cat(parts) for parts in zip(*answers))))
 
 
 def predict_batch(model: Net, images, numbers,
@@ -2183,23 +2312,26 @@ def images_per_second(model: Net, optimizer, batches, steps: int, precision: str
     """Training throughput over `steps` steps after 3 warm-up steps: (images/s, warm-up seconds).
     Outliers ride along but are not counted as images."""
     device = next(model.parameters()).device
+    scaler = gradient_scaler(precision, device)
     timings = []
     for count in (3, steps):  # warm-up first: allocations, kernel selection
-        sync(device)
+        synchronize(device)
         started, images = time.perf_counter(), 0
         for _ in range(count):
             batch = next(batches)
-            train_step(model, optimizer, batch, precision, outlier_weight)
+            train_step(model, optimizer, batch, precision, outlier_weight, scaler)
             images += len(batch.labels)
-        sync(device)
+        synchronize(device)
         timings.append((images, time.perf_counter() - started))
     (_, warm_up), (images, seconds) = timings
     return images / seconds, warm_up
 
 
 def seeded_net(device, seed: int = 0, **config) -> Net:
-    torch.manual_seed(seed)
-    return Net(**config).to(device, memory_format=torch.channels_last)
+    """A Net built from `seed` (the caller's random state is kept), on `device`."""
+    with _seeded(seed):
+        model = Net(**config)
+    return model.to(device, memory_format=memory_format(device))
 
 
 def seconds_to_99(history: list[dict]) -> float | None:
@@ -2218,7 +2350,8 @@ PIPELINE_ROUNDS = 3  # each feed is timed this many times, in turns; the median 
 def pipeline_rates(mnist: Dataset, train_split: Split, recipe: Recipe, steps: int, log) -> dict:
     """Images/s of our Net and Adam fed several ways, each from the same seeded start: the
     reference's per-sample Dataset and DataLoader (batch 32, fp32); our in-memory batches,
-    plain, in fp32 and bf16 (bf16 on the CPU only); and the whole `recipe` (augmentation and
+    plain, in fp32 and in half precision (bf16 on the CPU, the recipe's on a GPU); and the
+    whole `recipe` (augmentation and
     outliers, whose drawing is timed too) at its precision. Each rate is the median of
     PIPELINE_ROUNDS runs taken in turns. Also `warm_up_seconds`: the very first 3 steps (one-time
     set-up)."""
@@ -2227,7 +2360,7 @@ def pipeline_rates(mnist: Dataset, train_split: Split, recipe: Recipe, steps: in
     # Epochs of `ours` steps, so that the timed steps include one epoch's drawing of outliers.
     subset, plain = train_split.first(ours * recipe.batch_size), replace(recipe, augment=0.0, outliers=0)
     feeds = [("reference pipeline", "fp32", reference_batches(mnist, device, recipe.seed), steps, 0.0)]
-    for feed_precision in ("fp32", "bf16") if device.type == "cpu" else ("fp32",):
+    for feed_precision in dict.fromkeys(("fp32", "bf16" if device.type == "cpu" else recipe.precision)):
         feeds.append((f"ours {feed_precision}", feed_precision, in_memory_batches(subset, plain), ours, 0.0))
     feeds.append((f"ours {recipe.precision}, whole recipe", recipe.precision,
                   in_memory_batches(subset, recipe), ours, recipe.outlier_weight))
@@ -2244,9 +2377,10 @@ def pipeline_rates(mnist: Dataset, train_split: Split, recipe: Recipe, steps: in
     for name, rate in rates.items():
         log(f"{name:30} {rate:6.0f} images/s ({rate / rates['reference pipeline']:.2f}x the reference "
             f"pipeline)")
-    if "ours bf16" in rates:
-        log(f"bf16 / fp32: {rates['ours bf16'] / rates['ours fp32']:.2f}x"
-            + ("" if has_native_bf16() else " (this CPU emulates bf16)"))
+    for half in ("bf16", "fp16"):
+        if f"ours {half}" in rates:
+            log(f"{half} / fp32: {rates[f'ours {half}'] / rates['ours fp32']:.2f}x"
+                + ("" if half == "fp16" or has_native_bf16(device) else " (this device emulates bf16)"))
     log(f"one-time warm-up (first 3 steps): {warm_ups[0]:.2f} s")
     return {"images_per_s": rates, "warm_up_seconds": warm_ups[0]}
 
@@ -2298,7 +2432,7 @@ def benchmark(device, root=None, recipe: Recipe = Recipe(epochs=1), *, steps: in
     result = {"device": describe_machine(device), "precision": recipe.precision,
               **pipeline_rates(mnist, train_split, recipe, steps, log),
               **reference_recipe_seconds(mnist, device, recipe.seed, steps, log)}
-    sizes = [len(train_split)] + ([short_images] if short_images else [])
+    sizes = [len(train_split)] + ([short_images] if short_images and short_images < len(train_split) else [])
     result["runs"] = {size: recipe_time_to_99(train_split.first(size), test_split, recipe,
                                               result["reference_recipe_seconds_to_99"], log)
                       for size in sizes}
@@ -2330,11 +2464,13 @@ def positive(kind, zero_allowed: bool = False):
     return parse
 
 
-def _add_common(command):
+def _add_common(command, precision: bool = True):
     command.add_argument("--data", default=None, help=f"MNIST folder (default: ${DATA_DIR_ENV} or ./data)")
     command.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    command.add_argument("--precision", default="auto", choices=PRECISIONS,
-                         help="auto: bf16 on a CPU with native bf16, else fp32")
+    if precision:
+        command.add_argument("--precision", default="auto", choices=PRECISIONS,
+                             help="of training: auto is bf16 where the CPU or GPU has it natively, "
+                                  "fp16 on other CUDA GPUs, else fp32 (scores are always fp32)")
     return command
 
 
@@ -2367,7 +2503,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     _add_train(commands)
-    check = _add_common(commands.add_parser("evaluate", help="score a saved model"))
+    check = _add_common(commands.add_parser("evaluate", help="score a saved model (in fp32)"), precision=False)
     check.add_argument("--model", required=True)
     check.add_argument("--json", action="store_true")
     ask = commands.add_parser(
@@ -2384,6 +2520,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=positive(int), default=Recipe.batch_size)
     bench.add_argument("--short-images", type=positive(int), default=None,
                        help="also time the recipe on only the first N training images")
+    bench.add_argument("--limit", type=positive(int), default=None, help="use the first N training images")
     bench.add_argument("--json", action="store_true")
     return parser
 
@@ -2469,7 +2606,7 @@ def ctrl_c_sets_flag():
 
 def train_command(args):
     out = check_writable(args.out)
-    device = try_device(args.device)
+    device = choose_device(args.device)
     recipe = Recipe(args.epochs, args.batch_size, args.lr, args.seed,
                     augment=0.0 if args.no_augment else Recipe.augment, outliers=args.outliers,
                     holdout=HOLDOUT_PAIRS if args.holdout else None,
@@ -2496,7 +2633,7 @@ def train_command(args):
                        "interrupted before the first epoch finished; nothing saved")
             return 130
     if recipe.holdout is not None:
-        parts = split_by_pairs(evaluate_all_numbers(model, test_split, recipe.precision), recipe.holdout)
+        parts = split_by_pairs(evaluate_all_numbers(model, test_split), recipe.holdout)
         history[-1].update(parts)
         saver.save(history)
         say(f"All {parts['held_out_count'] + parts['seen_count']:,} test pairs: held-out pairs "
@@ -2511,12 +2648,11 @@ def train_command(args):
 
 
 def evaluate_command(args):
-    device = try_device(args.device)
-    precision = choose_precision(args.precision, device)
+    device = choose_device(args.device)
     model = load_checkpoint(args.model, device)
     test_split = load_split(False, root=args.data, device=device)
-    result = evaluate(model, test_split, precision)
-    every = evaluate_all_numbers(model, test_split, precision)
+    result = evaluate(model, test_split)
+    every = evaluate_all_numbers(model, test_split)
     report = {**result.summary(), "all_numbers_sum_acc": every["sum_acc"],
               "per_number_sum_acc": every["per_number"]}
     if args.json:
@@ -2553,11 +2689,11 @@ def predict_command(args):
 
 
 def benchmark_command(args):
-    device = try_device(args.device)
+    device = choose_device(args.device)
     recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size,
                     precision=choose_precision(args.precision, device))
     result = benchmark(device, args.data, recipe, steps=args.steps, short_images=args.short_images,
-                       log=_quiet if args.json else print)
+                       train_limit=args.limit, log=_quiet if args.json else print)
     if args.json:
         print(json.dumps(result))
     return 0

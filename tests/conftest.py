@@ -24,6 +24,16 @@ def test_split(data_dir):
 
 
 @pytest.fixture(scope="session")
+def raw_mnist(data_dir):
+    return helpers.load_mnist(False, root=data_dir, transform=None)
+
+
+@pytest.fixture(scope="session")
+def raw_test(raw_mnist):
+    return raw_mnist.data  # uint8 [10000, 28, 28]
+
+
+@pytest.fixture(scope="session")
 def train_slice(data_dir):
     return helpers.load_split(True, root=data_dir, limit=8000)
 
@@ -40,3 +50,31 @@ def trained(train_slice, test_split):
     history = helpers.train(model, train_slice, test_split.first(1000), recipe, progress=False, log=None)
     return model, history
 
+
+
+def _available(name: str) -> bool:
+    if name == "cuda":
+        return torch.cuda.is_available()
+    if name == "mps":
+        return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    return True
+
+
+@pytest.fixture(params=["cpu", "cuda", "mps"])
+def device(request):
+    """Each device this machine has: the CPU always, a CUDA or MPS GPU where there is one."""
+    if not _available(request.param):
+        pytest.skip(f"no {request.param} device here")
+    return torch.device(request.param)
+
+
+@pytest.fixture
+def meta(monkeypatch):
+    """A stand-in GPU for machines without one. Tensors on the meta device have shapes but no
+    values, and an operation that mixes them with CPU tensors raises, as it would with a GPU.
+    Results leave the device through `helpers._to_host`, which here hands back zeros of the
+    right shape and type, so the code after it runs on."""
+    def to_host(*tensors):
+        return [torch.zeros(t.shape, dtype=t.dtype) if t.is_meta else t.cpu() for t in tensors]
+    monkeypatch.setattr(helpers, "_to_host", to_host)
+    return torch.device("meta")

@@ -174,9 +174,9 @@ def test_nothing_hard_codes_the_sum(trained, train_slice, test_split):
     computes digit + number cannot."""
     model, _ = trained
     recipe = helpers.Recipe(epochs=10, seed=0)  # 630 steps on 8,000 images: about a second
-    train_logits = helpers.digit_logits_of(model, train_slice, "fp32")
+    train_logits = helpers.digit_logits_of(model, train_slice)
     test = test_split.first(1000)
-    test_logits = helpers.digit_logits_of(model, test, "fp32")
+    test_logits = helpers.digit_logits_of(model, test)
     scramble = torch.randperm(19, generator=torch.Generator().manual_seed(5))
     assert (scramble != torch.arange(19)).sum() >= 17
 
@@ -220,11 +220,12 @@ def test_nine_plus_nine_is_a_class_and_trains(sum_head):
 
 def test_augment_keeps_shapes_and_zero_strength_is_the_identity(test_split):
     images = test_split.images[:64]
-    same = helpers.augment(images, torch.Generator().manual_seed(0), strength=0.0)
+    def distorted(seed, strength=1.0):
+        return helpers.augment(images, helpers.draw_distortions(64, torch.Generator().manual_seed(seed), strength))
+
+    same = distorted(0, strength=0.0)
     assert same.shape == images.shape and torch.allclose(same, images, atol=1e-5)
-    first = helpers.augment(images, torch.Generator().manual_seed(1))
-    again = helpers.augment(images, torch.Generator().manual_seed(1))
-    other = helpers.augment(images, torch.Generator().manual_seed(2))
+    first, again, other = distorted(1), distorted(1), distorted(2)
     assert first.shape == images.shape and torch.equal(first, again)  # seeded
     assert not torch.allclose(first, other)
     moved = (first - images).abs().flatten(1).amax(1)
@@ -302,17 +303,46 @@ def test_same_seed_same_metrics(train_slice, test_split, precision):
     assert runs[0] == runs[1] and runs[0]["precision"] == precision
 
 
-def test_auto_precision_is_bf16_only_on_a_cpu_that_has_it(monkeypatch):
-    cpu = torch.device("cpu")
-    for native, expected in ((False, "fp32"), (True, "bf16")):
-        monkeypatch.setattr(helpers, "has_native_bf16", lambda native=native: native)
-        assert helpers.choose_precision("auto", cpu) == expected
-        assert helpers.choose_precision("auto", torch.device("cuda")) == "fp32"  # not measured
-        assert helpers.choose_precision("fp32", cpu) == "fp32"
-    with pytest.raises(ValueError, match="only supported on the CPU"):
-        helpers.choose_precision("bf16", torch.device("mps"))
-    with pytest.raises(ValueError, match="precision must be one of"):
-        helpers.choose_precision("fp16", cpu)
+def fake_gpu(monkeypatch, capability, name="a fake GPU"):
+    """Makes torch answer as a CUDA GPU of `capability` would, on a machine without one."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+
+
+@pytest.mark.parametrize("native_cpu, capability, cpu_auto, cuda_auto", [
+    (True, (9, 0), "bf16", "bf16"),  # an AMX or AVX512-BF16 CPU; an H100 or H200
+    (False, (8, 0), "fp32", "bf16"),  # a CPU without native bf16; an A100 (or an L4, 8.9)
+    (False, (7, 5), "fp32", "fp16"),  # Colab's T4: bf16 only emulated, fast fp16
+])
+def test_auto_precision_follows_the_hardware(monkeypatch, native_cpu, capability, cpu_auto, cuda_auto):
+    cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native_cpu)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native_cpu)
+    fake_gpu(monkeypatch, capability)
+    assert helpers.choose_precision("auto", cpu) == cpu_auto
+    assert helpers.choose_precision("auto", cuda) == cuda_auto
+    assert helpers.choose_precision("auto", mps) == "fp32"  # unmeasured there
+    for device in (cpu, cuda, mps):
+        assert helpers.choose_precision("fp32", device) == "fp32"
+    assert helpers.choose_precision("bf16", cpu) == "bf16"  # emulated where not native: allowed
+    assert helpers.choose_precision("fp16", cuda) == "fp16"
+    if cuda_auto == "bf16":
+        assert helpers.choose_precision("bf16", cuda) == "bf16"
+    else:
+        with pytest.raises(ValueError, match="no native bf16.*use fp16 or fp32"):
+            helpers.choose_precision("bf16", cuda)
+
+
+@pytest.mark.parametrize("precision, device, message", [
+    ("fp16", "cpu", "CUDA GPUs only.*use bf16 or fp32"),
+    ("bf16", "mps", "not offered on MPS.*use fp32"),
+    ("fp16", "mps", "not offered on MPS.*use fp32"),
+    ("half", "cpu", "precision must be one of"),
+])
+def test_a_precision_the_device_cannot_run_gets_one_clear_line(precision, device, message):
+    with pytest.raises(ValueError, match=message) as error:
+        helpers.choose_precision(precision, torch.device(device))
+    assert "\n" not in str(error.value)
 
 
 def test_native_bf16_matches_the_cpu_flags():
@@ -340,7 +370,7 @@ def test_train_rejects_a_test_split_without_numbers_before_training(train_slice)
 def test_evaluate_counts_and_average_loss(trained, test_split):
     model, _ = trained
     split = test_split.first(700)
-    result = helpers.evaluate(model, split, "fp32", batch_size=128)
+    result = helpers.evaluate(model, split, batch_size=128)
     assert result.count == 700 and result.digit_confusion.sum() == 700
     assert result.sum_confusion.shape == (19, 19) and result.sum_confusion.sum() == 700
     assert result.digit_confusion.trace() == result.digit_correct
@@ -371,16 +401,6 @@ def test_evaluate_all_numbers_matches_pairwise_and_splits_add_up(trained, test_s
 
 
 # ----------------------------------------------------------------------------- predict
-
-@pytest.fixture(scope="module")
-def raw_mnist(data_dir):
-    return helpers.load_mnist(False, root=data_dir, transform=None)
-
-
-@pytest.fixture(scope="module")
-def raw_test(raw_mnist):
-    return raw_mnist.data  # uint8 [10000, 28, 28]
-
 
 def test_predict_accepts_every_image_form(trained, raw_test):
     model, _ = trained
