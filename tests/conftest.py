@@ -12,7 +12,7 @@ import helpers  # noqa: E402
 
 @pytest.fixture(scope="session")
 def data_dir():
-    path = Path(helpers.default_data_dir())
+    path = Path(helpers._default_data_dir())
     if not path.is_absolute():
         path = ROOT / path
     return path

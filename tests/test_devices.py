@@ -2,6 +2,7 @@
 where there is one, and on any machine the meta device standing in for a GPU, which catches a
 tensor left on the wrong device."""
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,82 @@ import helpers
 
 def on(device, split: helpers.Split) -> helpers.Split:
     return helpers.Split(*(None if t is None else t.to(device) for t in (split.images, split.labels, split.numbers)))
+
+
+# ----------------------------------------------------------------------------- the policy
+
+def fake_gpu(monkeypatch, capability, name="a fake GPU"):
+    """Makes torch answer as a CUDA GPU of `capability` would, on a machine without one."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+
+
+@pytest.mark.parametrize("native_cpu, capability, cpu_auto, cuda_auto", [
+    (True, (9, 0), "bf16", "bf16"),  # an AMX or AVX512-BF16 CPU; an H100 or H200
+    (False, (8, 0), "fp32", "bf16"),  # a CPU without native bf16; an A100 (or an L4, 8.9)
+    (False, (7, 5), "fp32", "fp16"),  # Colab's T4: bf16 only emulated, fast fp16
+])
+def test_auto_precision_follows_the_hardware(monkeypatch, native_cpu, capability, cpu_auto, cuda_auto):
+    cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native_cpu)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native_cpu)
+    fake_gpu(monkeypatch, capability)
+    assert helpers.choose_precision("auto", cpu) == cpu_auto
+    assert helpers.choose_precision("auto", cuda) == cuda_auto
+    assert helpers.choose_precision("auto", mps) == "fp32"  # unmeasured there
+    for device in (cpu, cuda, mps):
+        assert helpers.choose_precision("fp32", device) == "fp32"
+    assert helpers.choose_precision("bf16", cpu) == "bf16"  # emulated where not native: allowed
+    assert helpers.choose_precision("fp16", cuda) == "fp16"
+    if cuda_auto == "bf16":
+        assert helpers.choose_precision("bf16", cuda) == "bf16"
+    else:
+        with pytest.raises(ValueError, match="no native bf16.*use fp16 or fp32"):
+            helpers.choose_precision("bf16", cuda)
+
+
+@pytest.mark.parametrize("precision, device, message", [
+    ("fp16", "cpu", "CUDA GPUs only.*use bf16 or fp32"),
+    ("bf16", "mps", "not offered on MPS.*use fp32"),
+    ("fp16", "mps", "not offered on MPS.*use fp32"),
+    ("half", "cpu", "precision must be one of"),
+])
+def test_a_precision_the_device_cannot_run_gets_one_clear_line(precision, device, message):
+    with pytest.raises(ValueError, match=message) as error:
+        helpers.choose_precision(precision, torch.device(device))
+    assert "\n" not in str(error.value)
+
+
+def test_native_bf16_matches_the_cpu_flags():
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo to compare with")
+    flags = set(cpuinfo.read_text().split())
+    assert helpers._has_native_bf16() == bool({"avx512_bf16", "amx_tile"} & flags)
+
+
+def test_full_precision_turns_autocast_off_on_each_device(device):
+    layer = torch.nn.Linear(4, 4).to(device)
+    inputs = torch.randn(2, 4, device=device)
+    precision = helpers.choose_precision("auto", device)
+    with helpers.autocast(precision, device):
+        assert layer(inputs).dtype == (torch.float32 if precision == "fp32" else helpers._HALF_TYPES[precision])
+        with helpers._full_precision(device):
+            assert layer(inputs).dtype == torch.float32
+
+
+def test_only_fp16_gets_a_gradient_scaler_and_train_step_uses_it():
+    cpu = torch.device("cpu")
+    assert helpers._gradient_scaler("fp32", cpu) is None and helpers._gradient_scaler("bf16", cpu) is None
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)  # the fp16 path, on the CPU
+    torch.manual_seed(0)
+    model = helpers.Net()
+    optimizer = torch.optim.Adam(model.parameter_groups(0.01))
+    batch = helpers.Batch(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)), torch.randint(0, 10, (8,)))
+    before = [p.detach().clone() for p in model.parameters()]
+    helpers.train_step(model, optimizer, batch, "fp32", scaler=scaler)
+    assert scaler._scale is not None  # the scaler scaled this step's loss
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 # ----------------------------------------------------------------------------- meta: no GPU needed
@@ -64,7 +141,7 @@ def test_predict_reads_a_picture_with_the_model_on_the_device(meta, raw_test):
     model = helpers.Net().to(meta)  # on meta, weights have no values: an untrained model will do
     digit_probs, sum_probs = helpers.predict_proba(model, raw_test[0], 3)
     assert digit_probs.shape == (10,) and sum_probs.shape == (19,) and digit_probs.device.type == "cpu"
-    assert helpers.predict_batch(model, raw_test[:4], [1, 2, 3, 4])[0].shape == (4,)
+    assert helpers.read_pictures(model, raw_test[:4], [1, 2, 3, 4])[0].shape == (4, 10)
 
 
 def test_outliers_and_distortions_are_built_on_the_device(meta, train_slice):
@@ -81,8 +158,8 @@ def test_an_epoch_is_drawn_the_same_on_every_device(device, train_slice):
     split lives: they are drawn on the CPU and copied once an epoch."""
     recipe = helpers.Recipe(batch_size=32, outliers=4, holdout=helpers.HOLDOUT_PAIRS)
     split = train_slice.first(96)
-    on_cpu = list(helpers.TrainingData(split, recipe).epoch())
-    here = list(helpers.TrainingData(on(device, split), recipe).epoch())
+    on_cpu = list(helpers._TrainingData(split, recipe).epoch())
+    here = list(helpers._TrainingData(on(device, split), recipe).epoch())
     assert len(on_cpu) == len(here) == 3
     for a, b in zip(on_cpu, here):
         assert b.images.device.type == device.type and b.outliers.device.type == device.type
