@@ -111,6 +111,14 @@ def _has_native_bf16(device: torch.device | str = "cpu") -> bool:
     return False
 
 
+def auto_precision(device_type: str, native_bf16: bool) -> str:
+    """What "auto" gives on a device of `device_type` ("cpu", "cuda", "mps") that has native
+    bf16 or not: the table above, as a rule."""
+    if native_bf16 and device_type in ("cpu", "cuda"):
+        return "bf16"
+    return "fp16" if device_type == "cuda" else "fp32"
+
+
 def choose_precision(precision: str, device: torch.device) -> str:
     """"fp32", "bf16" or "fp16" for `precision` on `device`, by the table above; a precision
     the device cannot run raises ValueError with what to use instead."""
@@ -118,9 +126,7 @@ def choose_precision(precision: str, device: torch.device) -> str:
         raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
     kind = device.type
     if precision == "auto":
-        if _has_native_bf16(device):
-            return "bf16"
-        return "fp16" if kind == "cuda" else "fp32"
+        return auto_precision(kind, kind in ("cpu", "cuda") and _has_native_bf16(device))
     if precision == "fp32":
         return precision
     if kind == "mps":
@@ -673,8 +679,8 @@ def train_step(model: Net, optimizer, batch: Batch, precision: str,
     pulled towards no preference (`outlier_loss`, weighted by `outlier_weight`); the sum head
     never sees them. Only the convolutions run under autocast; the heads, the loss and the
     weights stay fp32. `scaler`: `_gradient_scaler(precision, device)`, needed for fp16.
-    Returns the batch's `mean_cross_entropy` (the digits' and sums' loss, as the test line reports it),
-    still on the device: reading it would make the CPU wait for the device.
+    Returns the batch's `cross_entropies` [digit, sum], as the test line measures them, still
+    on the device: reading them would make the CPU wait for the device.
     """
     count, images = len(batch.labels), batch.images
     if batch.outliers is not None and len(batch.outliers):  # one pass: they share the batch's
@@ -685,9 +691,9 @@ def train_step(model: Net, optimizer, batch: Batch, precision: str,
     loss = model.training_loss(digit_logits, numbers, labels)
     if len(logits) > count:
         loss = loss + outlier_weight * outlier_loss(logits[count:])
-    with torch.no_grad():  # the adder trains on a bound; report what the test line reports
+    with torch.no_grad():  # the adder trains on a bound; report what the test line measures
         answers = F.log_softmax(digit_logits, 1), model.sum_head(digit_logits, _as_one_hot(numbers))
-        reported = mean_cross_entropy(*answers, labels, labels + numbers)
+        measured = cross_entropies(*answers, labels, labels + numbers)
     optimizer.zero_grad(set_to_none=True)
     if scaler is None:
         loss.backward()
@@ -696,7 +702,7 @@ def train_step(model: Net, optimizer, batch: Batch, precision: str,
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-    return reported
+    return measured
 
 
 def _one_cycle_adam(groups: list[dict], total_steps: int):
@@ -774,6 +780,12 @@ class _TrainingData:
         """Batches per epoch."""
         return math.ceil(len(self.split) / self.recipe.batch_size)
 
+    def batch_sizes(self) -> torch.Tensor:
+        """How many images each batch of an epoch holds; only the last may hold fewer."""
+        sizes = torch.full((len(self),), self.recipe.batch_size)
+        sizes[-1] = len(self.split) - (len(self) - 1) * self.recipe.batch_size
+        return sizes
+
     def epoch(self):
         """One epoch of `Batch`es, on the split's device. Its random choices (order, numbers,
         distortions, outliers) are drawn at once and copied to the device once."""
@@ -789,16 +801,24 @@ class _TrainingData:
                         None if outliers is None else outliers[step * per_batch:(step + 1) * per_batch])
 
 
+def _step_schedule(schedule):
+    """schedule.step(), without torch's warning when fp16's scaler has just skipped a step
+    whose gradients overflowed: the schedule moves on regardless, as intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+        schedule.step()
+
+
 def train(model: Net, train_split: Split, test_split: Split, recipe: Recipe = Recipe(), *,
           progress: bool = True, log=print, on_epoch=None, stop_requested=None) -> list[dict]:
     """Adam with a one-cycle schedule; fresh order, numbers and distortions every epoch.
 
     Trains on the splits' device, which the model is moved to. After each epoch, `log` gets the
     test line and `on_epoch` the history so far. Returns one dict per epoch: `epoch`,
-    `train_seconds`, `precision`, `train_loss` (the loss of the training batches' answers,
-    averaged over the epoch) and `evaluate(...).summary()`. `stop_requested`: checked after
-    every step; once it returns True, training raises KeyboardInterrupt there, between two
-    steps (the command line's Ctrl-C).
+    `train_seconds`, `precision`, `train_loss` (the test line's loss on the training batches,
+    averaged over the epoch), `evaluate(...).summary()`, and `step_losses`, each step's
+    [digit, sum] cross-entropies. `stop_requested`: checked after every step; once it returns
+    True, training raises KeyboardInterrupt there, between two steps (the command line's Ctrl-C).
     """
     device = train_split.images.device
     if test_split.numbers is None:  # found now, not after the first epoch
@@ -815,23 +835,21 @@ def train(model: Net, train_split: Split, test_split: Split, recipe: Recipe = Re
     for epoch in range(1, recipe.epochs + 1):
         model.train()
         started = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)  # stays on the device until the epoch ends
         with _progress_bar(len(data), f"Epoch {epoch}/{recipe.epochs}", disable=not progress) as bar:
-            for _, batch in zip(bar, data.epoch()):
-                loss_sum += train_step(model, optimizer, batch, precision, recipe.outlier_weight,
-                                       scaler) * len(batch.labels)
-                with warnings.catch_warnings():  # fp16's scaler skips a step whose gradients
-                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
-                    schedule.step()  # overflowed; the schedule moves on regardless, as intended
+            losses = torch.zeros(len(data), 2, device=device)  # per step; on the device until the end
+            for step, batch in zip(bar, data.epoch()):
+                losses[step] = train_step(model, optimizer, batch, precision, recipe.outlier_weight, scaler)
+                _step_schedule(schedule)
                 if stop_requested is not None and stop_requested():
                     raise KeyboardInterrupt
             _synchronize(device)
             seconds = time.perf_counter() - started
-            train_loss = float(_to_host(loss_sum)[0]) / len(train_split)
+            losses = _to_host(losses)[0]
+            train_loss = float((losses.mean(1) * data.batch_sizes()).sum() / len(train_split))
             bar.set_postfix(loss=f"{train_loss:.4f}")
         result = evaluate(model, test_split)
         history.append({"epoch": epoch, "train_seconds": seconds, "precision": precision,
-                        "train_loss": train_loss, **result.summary()})
+                        "train_loss": train_loss, **result.summary(), "step_losses": losses.tolist()})
         if log:
             log(result.test_line())
         if on_epoch:
@@ -889,16 +907,17 @@ def sum_accuracy(head: SumHead, digit_logits: torch.Tensor, labels: torch.Tensor
 # ----------------------------------------------------------------------------- evaluation
 
 
-def mean_cross_entropy(digit_log_probs, sum_log_probs, labels, sums) -> torch.Tensor:
-    """The loss the test line reports: the mean of the digit's and the sum's cross-entropies,
-    from the two heads' log-probabilities."""
-    return (F.nll_loss(digit_log_probs, labels) + F.nll_loss(sum_log_probs, sums)) / 2
+def cross_entropies(digit_log_probs, sum_log_probs, labels, sums) -> torch.Tensor:
+    """[the digit's cross-entropy, the sum's], each averaged over the batch, from the two heads'
+    log-probabilities. The test line's loss is their mean."""
+    return torch.stack([F.nll_loss(digit_log_probs, labels), F.nll_loss(sum_log_probs, sums)])
 
 
 @dataclass
 class Evaluation:
     """Test metrics; `digit_pred` and `sum_pred` are per-image predictions."""
-    loss: float
+    digit_loss: float  # the digit's cross-entropy, averaged over the pairs
+    sum_loss: float  # the sum's
     digit_correct: int
     sum_correct: int
     both_correct: int
@@ -909,12 +928,16 @@ class Evaluation:
     digit_pred: torch.Tensor
     sum_pred: torch.Tensor
 
+    @property
+    def loss(self) -> float:
+        """The test line's "Average loss": the mean of the two cross-entropies."""
+        return (self.digit_loss + self.sum_loss) / 2
+
     def summary(self) -> dict:
         """Plain numbers (accuracies as fractions), ready for JSON."""
-        return {"loss": self.loss, "digit_acc": self.digit_correct / self.count,
-                "sum_acc": self.sum_correct / self.count,
-                "both_acc": self.both_correct / self.count,
-                "consistency": self.consistent / self.count}
+        return {"loss": self.loss, "digit_loss": self.digit_loss, "sum_loss": self.sum_loss,
+                "digit_acc": self.digit_correct / self.count, "sum_acc": self.sum_correct / self.count,
+                "both_acc": self.both_correct / self.count, "consistency": self.consistent / self.count}
 
     def test_line(self) -> str:
         n = self.count
@@ -943,13 +966,13 @@ def evaluate(model: Net, split: Split, batch_size: int = 1000) -> Evaluation:
         raise ValueError("evaluate needs a split with fixed numbers (load_split(train=False))")
     logits = digit_logits_of(model, split, batch_size)
     digit_lp, sum_lp = F.log_softmax(logits, 1), model.sum_head(logits, _as_one_hot(split.numbers))
-    loss = mean_cross_entropy(digit_lp, sum_lp, split.labels, split.sums)
-    loss, digit_pred, sum_pred, labels, numbers = _to_host(
-        loss, digit_lp.argmax(1), sum_lp.argmax(1), split.labels, split.numbers)
+    losses = cross_entropies(digit_lp, sum_lp, split.labels, split.sums)
+    losses, digit_pred, sum_pred, labels, numbers = _to_host(
+        losses, digit_lp.argmax(1), sum_lp.argmax(1), split.labels, split.numbers)
     sums = labels + numbers
     digit_ok, sum_ok = digit_pred == labels, sum_pred == sums
     return Evaluation(
-        loss=float(loss), digit_correct=int(digit_ok.sum()), sum_correct=int(sum_ok.sum()),
+        digit_loss=float(losses[0]), sum_loss=float(losses[1]), digit_correct=int(digit_ok.sum()), sum_correct=int(sum_ok.sum()),
         both_correct=int((digit_ok & sum_ok).sum()),
         consistent=int((sum_pred == digit_pred + numbers).sum()), count=len(split),
         digit_confusion=_confusion_matrix(labels, digit_pred, NUM_DIGITS),
@@ -2089,6 +2112,24 @@ def nondigit_photos(count: int = 500, seed: int = 0) -> list:
 
 # ----------------------------------------------------------------------------- plots
 
+class _Source(str):
+    """Source code that shows as highlighted Python where Markdown renders, and as plain text
+    where it does not (a static page's fallback)."""
+
+    def __repr__(self):
+        return str(self)
+
+    def _repr_markdown_(self):
+        return f"```python\n{self}\n```"
+
+
+def show_source(*objects) -> _Source:
+    """The source of classes, functions or methods of this file, for the notebook to show the
+    code it runs (not a copy of it)."""
+    import inspect
+    return _Source("\n\n".join(inspect.getsource(obj).rstrip() for obj in objects))
+
+
 
 def layer_shapes(model: Net, images: torch.Tensor, numbers: torch.Tensor) -> list[tuple]:
     """(layer, output shape, parameters) for each layer of the digit reader and for the sum
@@ -2135,11 +2176,15 @@ def _show(axis, image, title, color="black"):
     axis.set_title(title, fontsize=10, color=color)
 
 
-def show_examples(images, labels, numbers, sums, columns=8):
-    """Draws the images titled `digit + number = sum`."""
+def show_examples(images, labels, numbers, sums, columns=8, row_titles=()):
+    """Draws the images titled `digit + number = sum`, with `row_titles` left of the rows."""
     figure, axes = _grid(len(images), columns)
+    axes = list(axes)
     for axis, image, label, number, total in zip(axes, images, labels, numbers, sums):
         _show(axis, image, f"{int(label)} + {int(number)} = {int(total)}")
+    for row, title in enumerate(row_titles):
+        axes[row * columns].annotate(title, (-0.12, 0.5), xycoords="axes fraction", rotation=90,
+                                     ha="right", va="center", fontsize=11, fontweight="bold")
     _finish(figure)
 
 
@@ -2155,7 +2200,8 @@ def show_pictures(pictures, titles, columns=6, size=2.0):
 
 def plot_confidence(groups: dict[str, torch.Tensor]):
     """How sure the network is: for each group of pictures, the share of them at each top digit
-    probability (NaN: refused by the preparation, counted in the legend), and MIN_CONFIDENCE."""
+    probability (NaN: refused by the preparation, counted in the legend), and MIN_CONFIDENCE,
+    on a logarithmic axis so that a few pictures show beside thousands."""
     import matplotlib.pyplot as plt
     figure, axis = plt.subplots(figsize=(10, 4))
     bins = np.linspace(0, 1, 21)
@@ -2164,15 +2210,15 @@ def plot_confidence(groups: dict[str, torch.Tensor]):
         read = top[~top.isnan()].numpy()
         flagged = float(((top < MIN_CONFIDENCE) | top.isnan()).float().mean())
         share = np.histogram(read, bins)[0] / max(len(top), 1) * 100
-        axis.stairs(share, bins, linestyle=style, linewidth=3.5 if index == 0 else 2,
+        axis.stairs(np.maximum(share, 1e-3), bins, linestyle=style, linewidth=3.5 if index == 0 else 2,
                     label=f"{name}: {len(top):,}, {1 - len(read) / max(len(top), 1):.0%} refused, "
-                          f"{flagged:.1%} flagged")
+                          f"{flagged:.1%} refused or below the line")
     axis.axvline(MIN_CONFIDENCE, color="black", linewidth=1)
     axis.annotate(f"MIN_CONFIDENCE = {MIN_CONFIDENCE}:\nbelow it, 'not sure'", (MIN_CONFIDENCE, 0.45),
                   xycoords=("data", "axes fraction"), xytext=(-6, 0), textcoords="offset points",
                   ha="right", va="center", fontsize=9)
-    axis.set(xlabel="the network's top digit probability", ylabel="pictures in the group (%)",
-             title="How sure is it? (flagged: refused, or below MIN_CONFIDENCE)", xlim=(0, 1))
+    axis.set(xlabel="the network's top digit probability", ylabel="pictures in the group (%, log scale)",
+             title="How sure is it?", xlim=(0, 1), yscale="log", ylim=(0.05, 150))
     axis.grid(alpha=0.3)
     axis.legend(fontsize=9, loc="upper left")
     _finish(figure)
@@ -2201,83 +2247,105 @@ def plot_frequencies(numbers: torch.Tensor, sums: torch.Tensor, title=""):
     _finish(figure)
 
 
-def plot_history(history: list[dict]):
-    """Loss and both accuracies per epoch. Both loss lines are `mean_cross_entropy`, the mean cross-entropy
-    of the two answers: over the epoch's training batches (distorted, in training mode) and on
-    the test split at the end of the epoch."""
+def plot_history(history: list[dict], smoothing: int = 25):
+    """Left: the digit's and the sum's cross-entropy at every training step (faint), their
+    running mean over `smoothing` steps, and the test split's at the end of each epoch (dots).
+    Right: test accuracy per epoch."""
     import matplotlib.pyplot as plt
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 3.8), width_ratios=[3, 2])
+    steps = torch.tensor([pair for record in history for pair in record["step_losses"]])  # [S, 2]
+    per_epoch = len(history[0]["step_losses"])
+    ends = [per_epoch * record["epoch"] for record in history]
+    window = torch.ones(1, 1, smoothing) / smoothing
+    for column, (name, colour) in enumerate((("digit", "tab:blue"), ("sum", "tab:orange"))):
+        left.plot(range(1, len(steps) + 1), steps[:, column], color=colour, alpha=0.25, linewidth=0.8)
+        mean = F.conv1d(steps[None, None, :, column], window)[0, 0]
+        left.plot(range(smoothing, len(steps) + 1), mean, color=colour, label=f"{name}, training batches")
+        left.plot(ends, [record[f"{name}_loss"] for record in history], "o", color=colour,
+                  markeredgecolor="black", label=f"{name}, test split")
+    left.set(xlabel="training step (batches of the epoch, one after another)", ylabel="cross-entropy",
+             yscale="log", title="Loss per step")
+    for end in ends[:-1]:
+        left.axvline(end, color="gray", linewidth=0.8, linestyle=":")
     epochs = [record["epoch"] for record in history]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6))
-    left.plot(epochs, [r["train_loss"] for r in history], "o-", label="training batches, mean over the epoch")
-    left.plot(epochs, [r["loss"] for r in history], "s-", label="test split, end of the epoch")
-    left.set(xlabel="epoch", ylabel="mean cross-entropy of the two answers", yscale="log",
-             title="Loss")
     for key, label, marker in (("digit_acc", "digit", "o-"), ("sum_acc", "sum", "s--"),
                                ("both_acc", "both correct", "^:")):
         right.plot(epochs, [100 * r[key] for r in history], marker, label=label)
-    right.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
+    right.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy, end of each epoch")
+    right.set_xticks(epochs)
     for axis in (left, right):
-        axis.set_xticks(epochs)
         axis.grid(alpha=0.3)
-        axis.legend()
+        axis.legend(fontsize=9)
     _finish(figure)
 
 
 def plot_confusions(result: Evaluation):
-    """Digit and sum confusion matrices in equal panels, on one logarithmic colour scale so
-    that single mistakes show; empty cells are left white."""
+    """Digit and sum confusion matrices, each cell numbered with its count of test pairs, on one
+    logarithmic colour scale so that single mistakes show; empty cells are left white."""
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
-    figure, axes = plt.subplots(1, 2, figsize=(12, 5.6), layout="constrained")
+    figure, axes = plt.subplots(1, 2, figsize=(13, 6), layout="constrained", width_ratios=[10, 19])
     matrices = {"digit": result.digit_confusion, "sum": result.sum_confusion}
     scale = LogNorm(vmin=1, vmax=max(int(m.max()) for m in matrices.values()))
     for axis, (name, matrix) in zip(axes, matrices.items()):
         shown = matrix.float().clone()
         shown[shown == 0] = float("nan")
         image = axis.imshow(shown, cmap="viridis", norm=scale)
+        small = len(matrix) > NUM_DIGITS
+        for (true, said), count in np.ndenumerate(matrix.numpy()):
+            if count:
+                axis.text(said, true, str(count), ha="center", va="center", fontsize=5.5 if small else 8,
+                          color="black" if count > 30 else "white")
         axis.set_xticks(range(len(matrix)))
         axis.set_yticks(range(len(matrix)))
-        axis.tick_params(labelsize=9 if len(matrix) > NUM_DIGITS else 10)
+        axis.tick_params(labelsize=8 if small else 10)
         axis.set(xlabel=f"predicted {name}", ylabel=f"true {name}",
                  title=f"{name.capitalize()}: {int(matrix.sum() - matrix.trace())} errors")
-    figure.colorbar(image, ax=list(axes), shrink=0.75, label="test images (log scale)")
+    figure.colorbar(image, ax=list(axes), shrink=0.6, label="test pairs (log scale)")
     _finish(figure)
 
 
 def show_mistakes(split: Split, result: Evaluation, count=16, columns=8):
-    """Test images where either head is wrong: the truth, then the model's answer."""
-    wrong = ((result.digit_pred != split.labels.cpu()) | (result.sum_pred != split.sums.cpu()))
-    index = wrong.nonzero().flatten()[:count]
+    """Test pairs where either head is wrong: the truth, then the model's answer, coloured by
+    what is wrong (the title counts each kind)."""
+    digit_wrong, sum_wrong = result.digit_pred != split.labels.cpu(), result.sum_pred != split.sums.cpu()
+    kinds = {"red": ("digit and sum wrong", digit_wrong & sum_wrong),
+             "orange": ("digit wrong, sum right", digit_wrong & ~sum_wrong),
+             "purple": ("digit right, sum wrong", ~digit_wrong & sum_wrong)}
+    index = (digit_wrong | sum_wrong).nonzero().flatten()[:count]
     figure, axes = _grid(len(index), columns, size=1.7, title_lines=2)
     for axis, i in zip(axes, index.tolist()):
         number = int(split.numbers[i])
-        _show(axis, split.images[i],
-              f"true {int(split.labels[i])}+{number}={int(split.sums[i])}\n"
-              f"said {int(result.digit_pred[i])}+{number}={int(result.sum_pred[i])}", color="firebrick")
-    figure.suptitle(f"First {len(index)} of {int(wrong.sum())} test pairs with a wrong answer")
+        colour = next(colour for colour, (_, wrong) in kinds.items() if wrong[i])
+        _show(axis, split.images[i], f"true {int(split.labels[i])}+{number}={int(split.sums[i])}\n"
+              f"said {int(result.digit_pred[i])}+{number}={int(result.sum_pred[i])}", color=f"tab:{colour}")
+    figure.suptitle(f"The first {len(index)} of {int((digit_wrong | sum_wrong).sum())} test pairs answered wrong. "
+                    + "; ".join(f"{colour}: {kind}, {int(wrong.sum())}" for colour, (kind, wrong) in kinds.items()))
     _finish(figure)
 
 
-def plot_pair_accuracy(per_pair_grids: dict, held_out=HOLDOUT_PAIRS):
-    """Sum accuracy for every (digit, number) cell, one panel per head; the held-out pairs
-    are outlined."""
+def plot_pair_errors(per_pair_grids: dict, held_out=HOLDOUT_PAIRS):
+    """The share of sums answered wrong for every (digit, number) cell, one panel per head, on a
+    logarithmic scale, so that 0.3 % and 3 % look different; white: no mistake. The held-out
+    pairs are outlined."""
     import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
     figure, axes = plt.subplots(1, len(per_pair_grids), figsize=(6 * len(per_pair_grids), 5.4),
                                 squeeze=False, layout="constrained")
     for axis, (title, grid) in zip(axes.flat, per_pair_grids.items()):
-        image = axis.imshow(100 * grid, cmap="cividis", vmin=0, vmax=100)
-        for (digit, number), value in np.ndenumerate(100 * grid.numpy()):
-            axis.text(number, digit, f"{value:.0f}" if value in (0, 100) else f"{value:.1f}",
-                      ha="center", va="center", fontsize=8.5,
-                      color="white" if value < 60 else "black")
+        wrong = 100 * (1 - grid.numpy())
+        image = axis.imshow(np.where(wrong > 0, wrong, np.nan), cmap="magma_r", norm=LogNorm(0.1, 100))
+        for (digit, number), value in np.ndenumerate(wrong):
+            axis.text(number, digit, "0" if value == 0 else f"{value:.0f}" if value >= 10 else f"{value:.1f}",
+                      ha="center", va="center", fontsize=8.5, color="white" if value > 20 else "black")
         for digit, number in held_out:
             axis.add_patch(plt.Rectangle((number - 0.45, digit - 0.45), 0.9, 0.9, fill=False,
-                                         edgecolor="orangered", linewidth=2.5))
+                                         edgecolor="deepskyblue", linewidth=2.5))
         axis.set_xticks(range(NUM_DIGITS))
         axis.set_yticks(range(NUM_DIGITS))
         axis.set(xlabel="random number", ylabel="digit in the image", title=title)
-    figure.colorbar(image, ax=list(axes.flat), shrink=0.8, label="sum accuracy (%)")
-    figure.suptitle("Sum accuracy per (digit, number) pair; outlined: the pairs held out of training")
+    figure.colorbar(image, ax=list(axes.flat), shrink=0.8, label="sums answered wrong (%, log scale)")
+    figure.suptitle("Sum errors per (digit, number) pair; outlined: the pairs held out of training")
     _finish(figure)
 
 
@@ -2301,30 +2369,31 @@ def plot_number_line(head: SumHead, title="What the sum head learned"):
 
 
 def plot_holdout_sweep(sweep: dict[str, dict[int, dict]], evidence: dict[int, dict]):
-    """Left: each head's sum accuracy (`held_out_accuracy`) on held-out pairs (solid) and on seen
-    pairs (dashed) against how many of the 100 pairs were held out. Right: what the seen pairs
-    tell a line (`line_evidence` for each count)."""
+    """Against how many of the 100 pairs were held out of training: each head's sum accuracy
+    (`held_out_accuracy`) on the held-out pairs and on the seen ones; how many independent
+    equations the seen pairs give a line (`line_evidence`); how many sums no seen pair has."""
     import matplotlib.pyplot as plt
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    figure, (left, middle, right) = plt.subplots(1, 3, figsize=(14, 4), width_ratios=[2, 1, 1])
     counts = sorted(evidence)
-    for (name, by_count), colour in zip(sweep.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
-        for key, style, part in (("held_out_acc", "o-", "held out"), ("seen_acc", "s--", "seen")):
-            left.plot(counts, [100 * by_count[k][key] for k in counts], style, color=colour,
-                      label=f"{name}, {part} pairs")
-    left.set(xlabel="pairs held out of training (of 100)", ylabel="sum accuracy (%)",
-             ylim=(-3, 103), title="Accuracy on the pairs held out, and on the rest")
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for (name, by_count), colour, marker in zip(sweep.items(), colours, "osD^v"):
+        for key, style, part in (("held_out_acc", "-", "held-out pairs"), ("seen_acc", ":", "seen pairs")):
+            left.plot(counts, [100 * by_count[k][key] for k in counts], style, marker=marker, color=colour,
+                      label=f"{name}: {part}")
+    left.set(xlabel="pairs held out of training (of 100)", ylabel="sum accuracy (%)", ylim=(-3, 103),
+             title="Sum accuracy")
+    left.legend(fontsize=9, loc="center left")
     shown = [evidence[k] for k in counts]
-    right.plot(counts, [e["equations"] for e in shown], "o-", label="independent equations")
-    right.axhline(shown[0]["needed"], color="gray", linestyle=":", label="needed to fix every position")
-    bars = right.bar(counts, [e["unseen_sums"] for e in shown], width=4, color="tab:red", alpha=0.6,
-                     label="sums never seen in training")
+    middle.plot(counts, [e["equations"] for e in shown], "o-", color="black")
+    middle.axhline(shown[0]["needed"], color="gray", linestyle="--", label=f"{shown[0]['needed']}: enough to fix the line")
+    middle.set(xlabel="pairs held out", ylabel="independent equations", title="What the seen pairs fix")
+    middle.legend(fontsize=9, loc="lower left")
+    bars = right.bar(counts, [e["unseen_sums"] for e in shown], width=5, color="tab:red", alpha=0.7)
     right.bar_label(bars, fontsize=9)
-    right.set(xlabel="pairs held out of training (of 100)", ylabel="equations (line), sums (bars)",
-              title="What the seen pairs tell the line")
-    for axis in (left, right):
+    right.set(xlabel="pairs held out", ylabel="sums", title="Sums never seen in training")
+    for axis in (left, middle, right):
         axis.set_xticks(counts)
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=9)
     _finish(figure)
 
 
@@ -2690,7 +2759,7 @@ def _train_command(args):
     def finished(history):  # saved first, then reported: an epoch printed is an epoch kept
         saver.save(history)
         if args.json:
-            print(json.dumps(history[-1]), flush=True)
+            print(json.dumps({k: v for k, v in history[-1].items() if k != "step_losses"}), flush=True)
 
     with _ctrl_c_sets_flag() as stop_requested:
         try:
@@ -2734,19 +2803,27 @@ def _evaluate_command(args):
     return 0
 
 
-def read_image(path):
-    """The picture at `path` as a PIL image, or one clear error."""
+def read_image(path, data: bytes | None = None):
+    """The picture at `path` as a PIL image, or one clear error. With `data`, the file's bytes
+    (an upload), `path` is only its name."""
+    import io
+
     from PIL import Image, UnidentifiedImageError
     path = Path(path)
-    if path.is_dir():
+    if data is None and path.is_dir():
         raise ValueError(f"'{path}' is a folder, not an image file")
-    if not path.exists():
+    if data is None and not path.exists():
         raise FileNotFoundError(f"no image at '{path}'")
     try:
-        with Image.open(path) as image:
+        with Image.open(path if data is None else io.BytesIO(data)) as image:
             image.load()
             return image.copy()
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
+        head = data[:32] if data is not None else path.read_bytes()[:32]
+        if b"ftypheic" in head or b"ftypheix" in head or b"ftypmif1" in head or path.suffix.lower() in (".heic", ".heif"):
+            raise ValueError(f"cannot read '{path}': it is a HEIC photo (an iPhone's default), which "
+                             f"Pillow does not read; save it as JPEG (on the iPhone: Settings > "
+                             f"Camera > Formats > Most Compatible), or convert it") from None
         raise ValueError(f"cannot read '{path}' as an image ({error.__class__.__name__}); "
                          f"give a PNG, JPEG, BMP or another format Pillow reads") from None
 

@@ -106,6 +106,10 @@ def test_short_training_learns_both_heads(trained):
     final = history[-1]
     assert final["digit_acc"] >= 0.97 and final["sum_acc"] >= 0.92 and final["consistency"] >= 0.92, final
     assert final["train_loss"] < history[0]["train_loss"] and final["loss"] < history[0]["loss"]
+    steps = torch.tensor(final["step_losses"])  # 125 full steps of 64 of the 8,000 images
+    assert steps.shape == (125, 2) and (steps > 0).all()
+    assert final["train_loss"] == pytest.approx(float(steps.mean()), rel=1e-5)
+    assert steps[-25:].mean(0).lt(torch.tensor(history[0]["step_losses"][:25]).mean(0)).all()
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -150,10 +154,10 @@ def test_evaluate_counts_and_average_loss(trained, test_split):
     assert result.consistent == int((sum_pred == digit_pred + split.numbers).sum())
     assert torch.equal(result.digit_confusion, torch.bincount(split.labels * 10 + digit_pred, minlength=100).view(10, 10))
     assert result.sum_confusion.shape == (19, 19) and result.sum_confusion.trace() == result.sum_correct
-    expected = float(torch.nn.functional.nll_loss(digits, split.labels)
-                     + torch.nn.functional.nll_loss(sums, split.sums)) / 2  # averages, not sums
-    assert result.loss == pytest.approx(expected, rel=1e-4)
-    assert helpers.mean_cross_entropy(digits, sums, split.labels, split.sums).item() == pytest.approx(expected, rel=1e-6)
+    digit_loss = float(torch.nn.functional.nll_loss(digits, split.labels))  # averages, not sums
+    sum_loss = float(torch.nn.functional.nll_loss(sums, split.sums))
+    expected = (digit_loss + sum_loss) / 2
+    assert (result.digit_loss, result.sum_loss, result.loss) == pytest.approx((digit_loss, sum_loss, expected), rel=1e-4)
     assert result.test_line() == (f"Test set: Average loss: {expected:.4f}, Digit accuracy: "
                                   f"{result.digit_correct}/700 ({result.digit_correct / 7:.2f}%), Sum accuracy: "
                                   f"{result.sum_correct}/700 ({result.sum_correct / 7:.2f}%)")
