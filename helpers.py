@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 from tqdm.auto import tqdm
 
-__version__ = "3.0"  # the notebook checks this: a helpers.py it was not written for says so
+__version__ = "4.0"  # the notebook checks this: a helpers.py it was not written for says so
 
 NUM_DIGITS = 10  # image classes, and the random number is drawn from 0..9 too
 NUM_SUMS = 19  # 0 + 0 .. 9 + 9
@@ -1199,6 +1199,66 @@ def tally(model: Net, pictures, labels, numbers, prepare=None) -> dict[str, int]
             "refused": int(digit_probs.isnan().any(1).sum()), "confidently_wrong": int((sure & ~right).sum())}
 
 
+def _labelled_files(folder: Path) -> tuple[list[tuple[Path, int, str]], list[Path]]:
+    """(path, label, group) for each file under `folder` whose label is a digit: the name of its
+    folder when that is a single digit, else the first character of its own name. Its group is
+    its folder under `folder`, less a digit folder. Also the files with no such label."""
+    found, unlabelled = [], []
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if not path.is_file() or any(part.startswith(".") for part in relative.parts):
+            continue
+        parents = relative.parts[:-1]
+        in_digit_folder = bool(parents) and len(parents[-1]) == 1 and parents[-1].isdigit()
+        label = parents[-1] if in_digit_folder else path.name[0]
+        if not label.isdigit():
+            unlabelled.append(path)
+            continue
+        found.append((path, int(label), "/".join(parents[:-1] if in_digit_folder else parents) or "."))
+    return found, unlabelled
+
+
+def score_folder(model: Net, folder, seed: int = 0) -> dict:
+    """Reads every labelled picture under `folder` (see `_labelled_files`), one at a time, each
+    with a number drawn from `seed`, and counts as `tally` does, per group and in `all`. Also
+    `mistakes` (path, label, number, Answer or None when refused), `unreadable` and
+    `unlabelled` files. An empty folder, or one with no labelled picture, raises ValueError."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"'{folder}' is not a folder")
+    files, unlabelled = _labelled_files(folder)
+    if not files:
+        raise ValueError(f"no labelled pictures in '{folder}': name each file after its digit "
+                         f"(3_anything.png) or put it in a folder named 0 to 9")
+    numbers = draw_numbers(len(files), seed).tolist()
+    counts, mistakes, unreadable = {}, [], []
+    for (path, label, group), number in zip(files, numbers):
+        try:
+            picture = read_image(path)
+        except ValueError:
+            unreadable.append(path)
+            continue
+        try:
+            answer = Answer(*(lp[0].exp() for lp in _log_probs(model, [prepare_image(picture)], [number])), number)
+        except NoDigitError:
+            answer = None
+        right = answer is not None and (answer.digit, answer.total) == (label, label + number)
+        sure = answer is not None and answer.sure
+        for key in (group, "all"):
+            row = counts.setdefault(key, dict.fromkeys(("pictures", "right", "flagged", "refused", "confidently_wrong"), 0))
+            row["pictures"] += 1
+            row["right"] += right
+            row["flagged"] += not sure
+            row["refused"] += answer is None
+            row["confidently_wrong"] += sure and not right
+        if not right or not sure:
+            mistakes.append((path, label, number, answer))
+    if not counts:
+        raise ValueError(f"none of the {len(files)} labelled files in '{folder}' could be read as a picture")
+    return {"groups": {key: row for key, row in counts.items() if key != "all"}, "all": counts.get("all"),
+            "mistakes": mistakes, "unreadable": unreadable, "unlabelled": unlabelled}
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -2349,22 +2409,48 @@ def plot_pair_errors(per_pair_grids: dict, held_out=HOLDOUT_PAIRS):
     _finish(figure)
 
 
-def plot_number_line(head: SumHead, title="What the sum head learned"):
-    """The positions a line head (the adder, the number line) learned for each digit, number and sum."""
+def plot_number_line(head: SumHead, title="What the sum head learned", example=(3, 4)):
+    """The positions of a line head (the adder, the number line): each digit's x_d, number's
+    y_n and sum's z_s, on three rows of one line. For the `example` pair (d, n), a star marks
+    where x_d + y_n lands on the sums' row, with the sum nearest to it."""
     import matplotlib.pyplot as plt
     if not isinstance(head, LineHead):
         raise ValueError(f"a {type(head).__name__} has no learned positions to plot")
-    figure, axis = plt.subplots(figsize=(11, 3))
-    rows = list(head.learned_positions().items())[::-1]  # sums at the bottom, digits on top
-    for row, (_, positions) in enumerate(rows):
-        axis.scatter(positions, [row] * len(positions), s=14)
-        for value, position in enumerate(positions.tolist()):
+    positions = head.learned_positions()
+    figure, axis = plt.subplots(figsize=(11, 3.2))
+    for row, name in enumerate(("sum", "number", "digit")):  # sums at the bottom, digits on top
+        axis.scatter(positions[name], [row] * len(positions[name]), s=14)
+        for value, position in enumerate(positions[name].tolist()):
             axis.annotate(str(value), (position, row), textcoords="offset points", xytext=(0, 6),
                           ha="center", fontsize=9)
-    axis.set_yticks(range(len(rows)), [name for name, _ in rows])
-    axis.set_ylim(-0.6, len(rows) - 0.4)
-    axis.set(xlabel="learned position", title=f"{title} (positions started at random)")
+    digit, number = example
+    total = float(positions["digit"][digit] + positions["number"][number])
+    nearest = int((positions["sum"] - total).abs().argmin())
+    axis.scatter([total], [0], marker="*", s=220, color="tab:red", zorder=3)
+    axis.annotate(f"x{_subscript(digit)} + y{_subscript(number)} lands here: nearest sum {nearest}",
+                  (total, 0), textcoords="offset points", xytext=(0, -16), ha="center", fontsize=9,
+                  color="tab:red")
+    for row, name, value in ((2, "digit", digit), (1, "number", number)):
+        axis.scatter([positions[name][value]], [row], s=90, facecolors="none", edgecolors="tab:red")
+    axis.set_yticks(range(3), ["sums z", "numbers y", "digits x"])
+    axis.set_ylim(-0.9, 2.6)
+    axis.set(xlabel="position on the line", title=title)
     axis.grid(axis="x", alpha=0.3)
+    _finish(figure)
+
+
+def _subscript(value: int) -> str:
+    return str(value).translate(str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉"))
+
+
+def plot_sum_answer(sum_probs: torch.Tensor, title: str):
+    """A sum head's answer [19] as bars, each labelled with its probability where it shows."""
+    import matplotlib.pyplot as plt
+    figure, axis = plt.subplots(figsize=(10, 2.8))
+    bars = axis.bar(range(NUM_SUMS), sum_probs.detach().cpu())
+    axis.bar_label(bars, [f"{p:.2f}" if p >= 0.005 else "" for p in sum_probs.tolist()], fontsize=9)
+    axis.set_xticks(range(NUM_SUMS))
+    axis.set(xlabel="sum", ylabel="probability", ylim=(0, 1.1), title=title)
     _finish(figure)
 
 
@@ -2652,6 +2738,18 @@ def _build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--model", required=True)
     ask.add_argument("image", help="a picture of one digit: any size, dark on light or light on dark")
     ask.add_argument("number", type=int, help="0..9")
+    score = commands.add_parser(
+        "score", help="read a folder of labelled pictures and count right, flagged and wrong",
+        description="Reads every picture under FOLDER, one at a time, each with a random number "
+                    "(seeded). A picture's label is its folder's name when that is a digit (FOLDER/3/"
+                    "x.png), else the first character of its name (3_x.png). Prints a row per "
+                    "sub-folder when there are several, then the worst mistakes.")
+    score.add_argument("--model", required=True)
+    score.add_argument("folder")
+    score.add_argument("--seed", type=int, default=0, help="of the numbers added to the digits")
+    score.add_argument("--worst", type=_positive(int, zero_allowed=True), default=10,
+                       help="how many mistakes to list, worst first")
+    score.add_argument("--json", action="store_true", help="the counts as one JSON object")
     bench = _add_common(commands.add_parser("benchmark", help="reference pipeline vs ours"))
     bench.add_argument("--steps", type=_positive(int), default=200, help="batch-32 steps to time")
     bench.add_argument("--epochs", type=_positive(int), default=1)
@@ -2834,6 +2932,50 @@ def _predict_command(args):
     return 0
 
 
+def _score_command(args):
+    result = score_folder(load_checkpoint(args.model), args.folder, args.seed)
+    if args.json:
+        print(json.dumps({"all": result["all"], "groups": result["groups"]}))
+        return 0
+    for line in _score_report(result, args.worst):
+        print(line)
+    return 0
+
+
+def _mistake_rank(mistake) -> tuple:
+    """Worst first: wrong and sure, then wrong and unsure, then refused, then right but unsure;
+    within each, the surer first."""
+    _, label, number, answer = mistake
+    if answer is None:
+        return (2, 0.0)
+    right = (answer.digit, answer.total) == (label, label + number)
+    return (3 if right else 0 if answer.sure else 1, -float(answer.digit_probs.max()))
+
+
+def _score_report(result: dict, worst: int) -> list[str]:
+    """`score_folder`'s counts as a table (a row per group when there are several), the files
+    skipped, and the `worst` mistakes."""
+    rows = {**(result["groups"] if len(result["groups"]) > 1 else {}), "all": result["all"]}
+    lines = [f"{'pictures':>8} {'right':>8} {'flagged':>8} {'refused':>8} {'confidently wrong':>18}  folder"]
+    for name, row in rows.items():
+        share = {key: 100 * value / row["pictures"] for key, value in row.items()}
+        lines.append(f"{row['pictures']:8} {share['right']:7.1f}% {share['flagged']:7.1f}% {share['refused']:7.1f}% "
+                     f"{share['confidently_wrong']:17.1f}%  {name}")
+    for key, why in (("unlabelled", "with no digit label (name it 3_... or put it in a folder 3)"),
+                     ("unreadable", "that are not pictures Pillow reads")):
+        if result[key]:
+            names = ", ".join(path.name for path in result[key][:5]) + (", ..." if len(result[key]) > 5 else "")
+            lines.append(f"skipped {len(result[key])} file(s) {why}: {names}")
+    mistakes = sorted(result["mistakes"], key=_mistake_rank)[:worst]
+    if mistakes:
+        lines.append("worst mistakes:" if worst else "")
+    for path, label, number, answer in mistakes:
+        article = "an" if label == 8 else "a"
+        lines.append(f"  {path}: {article} {label} with {number}; "
+                     + ("refused: no digit found" if answer is None else str(answer)))
+    return lines
+
+
 def _benchmark_command(args):
     device = choose_device(args.device)
     recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size,
@@ -2845,8 +2987,8 @@ def _benchmark_command(args):
     return 0
 
 
-_COMMANDS = {"train": _train_command, "evaluate": _evaluate_command,
-            "predict": _predict_command, "benchmark": _benchmark_command}
+_COMMANDS = {"train": _train_command, "evaluate": _evaluate_command, "predict": _predict_command,
+             "score": _score_command, "benchmark": _benchmark_command}
 
 if __name__ == "__main__":
     sys.exit(main())
