@@ -181,3 +181,56 @@ def test_benchmark_trains_at_the_precision_it_is_given(data_dir):
     same_size = helpers.benchmark(torch.device("cpu"), data_dir, recipe, steps=2, short_images=256,
                                   train_limit=256, test_limit=200, log=None)
     assert list(same_size["runs"]) == [256]  # one run, not one overwriting another
+
+
+def score_folder_of(tmp_path, raw_mnist):
+    """A small class's folder: two writers' sub-folders, labelled by name or by folder, a
+    picture labelled wrong on purpose, a blank page, a file that is no picture, and notes."""
+    folder = tmp_path / "class"
+    pictures = {"alice/3_first.png": 3, "alice/0_second.png": 0, "alice/8_mislabelled.png": 1,
+                "bob/7/scan.png": 7, "bob/2/photo.png": 2}
+    for name, digit in pictures.items():
+        index = int((raw_mnist.targets == digit).nonzero()[0])
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(as_photo(raw_mnist.data[index]).numpy()).save(folder / name)
+    Image.new("L", (80, 60), 235).save(folder / "bob" / "5_blank.png")
+    (folder / "alice" / "4_broken.png").write_bytes(b"not a png")
+    (folder / "notes.txt").write_text("labels are the first character\n")
+    return folder
+
+
+def test_score_counts_a_folder_by_sub_folder_and_lists_the_worst_mistakes(trained, model_file, tmp_path, raw_mnist):
+    folder = score_folder_of(tmp_path, raw_mnist)
+    result = helpers.score_folder(trained[0], folder)
+    assert result["all"]["pictures"] == 6 and set(result["groups"]) == {"alice", "bob"}
+    assert result["groups"]["alice"]["pictures"] == 3 and result["groups"]["bob"]["pictures"] == 3
+    assert result["all"]["refused"] == 1 and result["groups"]["bob"]["refused"] == 1
+    assert [p.name for p in result["unreadable"]] == ["4_broken.png"]
+    assert [p.name for p in result["unlabelled"]] == ["notes.txt"]
+    assert result["all"]["right"] == 4 and result["all"]["confidently_wrong"] == 1  # the 1 labelled 8
+    shown = run_cli("score", "--model", str(model_file), str(folder))
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0].split() == ["pictures", "right", "flagged", "refused", "confidently", "wrong", "folder"]
+    assert [line.split()[-1] for line in lines[1:4]] == ["alice", "bob", "all"]
+    assert lines[3].split()[:2] == ["6", "66.7%"]
+    assert any("skipped 1 file(s) that are not pictures" in line and "4_broken.png" in line for line in lines)
+    worst = lines[lines.index("worst mistakes:") + 1:]
+    assert "8_mislabelled.png: an 8 with" in worst[0] and "sure)" in worst[0]  # shows a 1: wrong and sure, first
+    assert "5_blank.png: a 5 with" in worst[1] and "refused" in worst[1]
+    counted = json.loads(run_cli("score", "--model", str(model_file), str(folder), "--json").stdout)
+    assert counted["all"] == result["all"] and counted["groups"] == result["groups"]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda folder: None, "no labelled pictures"),
+    (lambda folder: (folder / "notes.txt").write_text("x"), "no labelled pictures"),
+    (lambda folder: (folder / "3_broken.png").write_bytes(b"x"), "none of the 1 labelled files"),
+], ids=["empty folder", "no digit labels", "nothing readable"])
+def test_score_answers_a_folder_it_cannot_score_in_one_line(model_file, tmp_path, make, message):
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    make(folder)
+    result = run_cli("score", "--model", str(model_file), str(folder))
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().count("\n") == 0 and message in result.stderr
