@@ -74,7 +74,7 @@ def test_cli_says_not_sure_on_a_picture_of_no_digit(trained, model_file, tmp_pat
     digit_probs, sum_probs = helpers.read_pictures(trained[0], pictures, [2] * 40)
     unsure = (~helpers.is_sure(digit_probs, sum_probs, 2) & ~digit_probs.isnan().any(1)).nonzero().flatten()
     assert len(unsure), "every picture of no digit was refused or read with confidence"
-    path = tmp_path / "no-digit.jpg"
+    path = tmp_path / "no-digit.png"  # lossless: the command reads the very picture chosen
     pictures[int(unsure[0])].convert("RGB").save(path)
     answer = run_cli("predict", "--model", str(model_file), str(path), "2")
     assert answer.returncode == 0, answer.stderr

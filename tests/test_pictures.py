@@ -300,6 +300,7 @@ def test_phone_orientation_and_16_bit_pictures_read_as_they_look(trained, raw_te
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: turn 90 degrees clockwise to view
     upright.transpose(Image.Transpose.ROTATE_90).save(sideways, quality=95, exif=exif)
+    assert expected == (7, 10)  # MNIST's first test digit is a 7
     assert helpers.predict(model, helpers.read_image(sideways), 3) == expected
     sixteen = Image.fromarray((np.asarray(upright, np.uint16) * 257).astype(np.uint16))
     assert sixteen.mode.startswith("I;16") and helpers.predict(model, sixteen, 3) == expected
@@ -330,3 +331,111 @@ def test_read_pictures_refuses_a_wrong_batch_in_one_line(trained, raw_test):
     mixed = [as_photo(raw_test[0]), raw_test[1].numpy(), Image.fromarray(raw_test[2].numpy())]
     mixed_probs, _ = helpers.read_pictures(model, mixed, [1, 2, 3])  # a list: any sizes
     assert torch.equal(mixed_probs.argmax(1), digit_probs.argmax(1))
+
+
+# ----------------------------------------------------------------------------- pictures people really have
+
+def mnist_digits(model, raw_mnist):
+    """One MNIST test digit of each kind that the model reads right as it is."""
+    return {digit: first_read_right(model, raw_mnist, digit) for digit in range(10)}
+
+
+def on_paper(digit: torch.Tensor, scale: int, paper, ink, margin: int = 0) -> Image.Image:
+    """An MNIST digit enlarged `scale` times (bicubic), cropped to its ink, drawn in colour
+    `ink` on colour `paper` with `margin` px around it."""
+    rows, cols = digit.nonzero(as_tuple=True)
+    box = digit[rows.min():rows.max() + 1, cols.min():cols.max() + 1].numpy()
+    big = np.asarray(Image.fromarray(box).resize((box.shape[1] * scale, box.shape[0] * scale),
+                                                 Image.Resampling.BICUBIC), np.float32) / 255
+    cover = np.pad(big, margin)[:, :, None]
+    page = np.asarray(paper, np.float32) * (1 - cover) + np.asarray(ink, np.float32) * cover
+    return Image.fromarray(page.clip(0, 255).round().astype(np.uint8))
+
+
+def reads(model, pictures: dict) -> int:
+    """How many of {digit: picture} are read as their digit, with the sum right."""
+    return sum(helpers.predict(model, picture, 2) == (digit, digit + 2) for digit, picture in pictures.items())
+
+
+def test_a_tight_crop_reads_although_its_strokes_touch_the_edges(trained, raw_mnist):
+    """Each digit cropped to its own ink, enlarged 8 times, dark grey on light grey paper: the
+    strokes touch all four edges, and the paper must still go to black."""
+    model, _ = trained
+    crops = {digit: on_paper(image, 8, (205,) * 3, (40,) * 3) for digit, image in mnist_digits(model, raw_mnist).items()}
+    framed = helpers.preparation_steps(crops[0])["framed"]
+    assert float(framed[:, :3].max()) == 0 and float(framed[:, -3:].max()) == 0  # black beside the digit
+    assert reads(model, crops) >= 9
+
+
+PEN_STROKES = {  # digits as a person draws them with a pen, in a unit box (x right, y down)
+    1: [[(0.6, 0.0), (0.45, 1.0)]],
+    4: [[(0.7, 1.0), (0.7, 0.0), (0.0, 0.65), (1.0, 0.65)]],
+    7: [[(0.0, 0.0), (1.0, 0.0), (0.35, 1.0)]],
+    0: "ellipse",
+}
+
+
+def pen_digit(digit, pen: int, canvas=(1200, 900), height=420, at=(300, 240)):
+    """One digit drawn with a `pen` px line, `height` px tall, on a large light page."""
+    from PIL import ImageDraw
+    page = Image.new("RGB", canvas, (236, 236, 232))
+    draw = ImageDraw.Draw(page)
+    width = 0.6 * height
+    left, top = at
+    if PEN_STROKES[digit] == "ellipse":
+        draw.ellipse((left, top, left + width, top + height), outline=(25, 25, 60), width=pen)
+    for line in [] if PEN_STROKES[digit] == "ellipse" else PEN_STROKES[digit]:
+        draw.line([(left + x * width, top + y * height) for x, y in line], fill=(25, 25, 60), width=pen, joint="curve")
+    return page
+
+
+def test_a_thin_pen_on_a_large_page_is_thickened_as_mnist_strokes(trained):
+    """A 3 px pen line on a 1200 px page would frame about 0.15 px wide: a ghost. Prepared, it
+    frames about as wide as MNIST's strokes, and reads."""
+    model, _ = trained
+    for pen in (2, 3):
+        pictures = {digit: pen_digit(digit, pen) for digit in PEN_STROKES}
+        for picture in pictures.values():
+            framed = helpers.preparation_steps(picture)["framed"]
+            assert framed.max() > 0.9 and (framed > 0.5).sum() >= 25  # solid strokes, not a faint line
+        assert reads(model, pictures) == len(PEN_STROKES), pen
+
+
+def test_tiny_and_faint_pictures_read(trained, raw_mnist):
+    """A photo already shrunk to 28 x 28 in faint pencil (ink 0.16 darker than the paper), and a
+    small digit in a 100 px picture."""
+    model, _ = trained
+    digits = mnist_digits(model, raw_mnist)
+    faint = {digit: on_paper(image, 1, (200,) * 3, (158,) * 3, margin=4).resize((28, 28)) for digit, image in digits.items()}
+    assert reads(model, faint) >= 9
+    small = {}
+    for digit, image in digits.items():
+        page = Image.new("L", (100, 100), 230)
+        page.paste(on_paper(image, 1, (230,) * 3, (30,) * 3).convert("L"), (40, 35))
+        small[digit] = page
+    assert reads(model, small) >= 9
+
+
+def test_coloured_paper_and_coloured_ink_read(trained, raw_mnist):
+    """A dark teal marker on a yellow-green sticky note, and red ink on white paper."""
+    model, _ = trained
+    digits = mnist_digits(model, raw_mnist)
+    for paper, ink in (((200, 225, 110), (20, 80, 90)), ((250, 250, 250), (200, 30, 30))):
+        pictures = {digit: on_paper(image, 6, paper, ink, margin=30) for digit, image in digits.items()}
+        assert reads(model, pictures) >= 9, (paper, ink)
+
+
+def test_a_transparent_background_reads_as_white_paper(trained, raw_mnist):
+    """A PNG whose background is transparent, with black under the transparency (as some
+    drawing programs save it): composited over white, the strokes show; read as RGB, the
+    picture would be all black."""
+    model, _ = trained
+    pictures = {}
+    for digit, image in mnist_digits(model, raw_mnist).items():
+        cover = np.asarray(on_paper(image, 5, (0,) * 3, (255,) * 3, margin=20).convert("L"))
+        rgba = np.zeros(cover.shape + (4,), np.uint8)
+        rgba[..., 3] = cover  # ink opaque, paper transparent; the colour is black everywhere
+        pictures[digit] = Image.fromarray(rgba, "RGBA")
+    assert reads(model, pictures) >= 9
+    with pytest.raises(helpers.NoDigitError):
+        helpers.predict(model, pictures[3].convert("RGB"), 2)  # transparency thrown away: black

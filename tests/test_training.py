@@ -25,9 +25,10 @@ def test_augment_distorts_every_image_and_zero_strength_is_the_identity(test_spl
 
 def test_a_quarter_turn_distortion_turns_the_image(test_split):
     """One row of `draw_distortions`, written by hand: 90 degrees, no scaling, no shift, no
-    stroke change. The warp must turn the digit exactly (the grid lines up, pixel for pixel)."""
+    stroke change, no softening. The warp must turn the digit exactly (the grid lines up, pixel
+    for pixel)."""
     image = test_split.images[:1]
-    quarter = torch.tensor([[np.pi / 2, 1.0, 0.0, 0.0, 0.99, 0.0]])
+    quarter = torch.tensor([[np.pi / 2, 1.0, 0.0, 0.0, 0.99, 0.0, 0.0]])
     turned = helpers.augment(image, quarter)
     assert any(torch.allclose(turned, image.rot90(k, (2, 3)), atol=1e-4) for k in (1, -1))
 
@@ -78,6 +79,24 @@ def test_outliers_are_seeded_framed_pictures_with_ink(train_slice, seed):
     assert (strongest > 0.25).all(), strongest.min()  # none blank, whatever the seed
     assert (strongest > 0.5).float().mean() > 0.9
     assert (intensities[:, :3].amax((1, 2)) == 0).float().mean() > 0.5  # framed: margins empty
+    rows, cols, grid = intensities.sum(2), intensities.sum(1), torch.arange(28.0)
+    centre = torch.stack([(rows * grid).sum(1) / rows.sum(1), (cols * grid).sum(1) / cols.sum(1)], 1)
+    assert (centre.mean(0) - 14).abs().max() < 0.1  # centred by mass as MNIST's digits: at 14.0
+
+
+def test_outliers_and_pictures_share_one_framing(raw_test):
+    """An MNIST digit put through the outliers' framing (which softens it first, as a photo's
+    edges are soft) comes back framed as the preparation frames it: the same box, the same
+    centre, nearly the same picture."""
+    digit = raw_test[0].float() / 255
+    outlier = helpers._frame_outliers(torch.nn.functional.pad(digit, (2, 2, 2, 2))[None])[0]
+    prepared = helpers.preparation_steps(raw_test[0])["framed"]
+    for framed in (outlier, prepared):
+        rows, cols = (framed > 0.05).nonzero(as_tuple=True)
+        assert max(rows.max() - rows.min(), cols.max() - cols.min()) + 1 in (20, 21, 22)
+        mass = [float((framed.sum(axis) * torch.arange(28.0)).sum() / framed.sum()) for axis in (1, 0)]
+        assert all(abs(m - 14) <= 0.6 for m in mass), mass
+    assert torch.nn.functional.cosine_similarity(outlier.flatten(), prepared.flatten(), dim=0) > 0.8
 
 
 def test_outliers_ride_along_without_reaching_the_sum_head(train_slice):
