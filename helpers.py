@@ -874,17 +874,18 @@ def _seeded(seed: int):
         yield
 
 
-def train_sum_head(kind: str, digit_logits: torch.Tensor, labels: torch.Tensor,
+def train_sum_head(kind: str | SumHead, digit_logits: torch.Tensor, labels: torch.Tensor,
                    recipe: Recipe = Recipe(epochs=2), sum_classes: torch.Tensor | None = None) -> SumHead:
-    """A fresh sum head of `kind`, trained alone on the frozen digit logits of a trained network,
-    on their device.
+    """A fresh sum head of `kind` (a name in `SUM_HEADS`, or a `SumHead` of your own, which is
+    trained in place), trained alone on the frozen digit logits of a trained network, on their
+    device.
 
     The same loss, optimizer and schedule as `train` (and `recipe.holdout`), in seconds rather
     than minutes, because no convolution runs. `sum_classes` [19], if given, is the class each
     true sum is taught as: a permutation scrambles the labels.
     """
     with _seeded(recipe.seed):  # built on the CPU from a seeded start, then moved
-        head = _make_sum_head(kind).to(digit_logits.device).train()
+        head = (_make_sum_head(kind) if isinstance(kind, str) else kind).to(digit_logits.device).train()
     generator = torch.Generator().manual_seed(recipe.seed)
     holdout = None if recipe.holdout is None else _pairs_table(recipe.holdout)
     classes = torch.arange(NUM_SUMS) if sum_classes is None else sum_classes
@@ -2339,7 +2340,7 @@ def plot_confidence(groups: dict[str, torch.Tensor]):
     probability (NaN: refused by the preparation, counted in the legend), and MIN_CONFIDENCE,
     on a logarithmic axis so that a few pictures show beside thousands."""
     import matplotlib.pyplot as plt
-    figure, axis = plt.subplots(figsize=(10, 4))
+    figure, axis = plt.subplots(figsize=(10, 5))
     bins = np.linspace(0, 1, 21)
     for index, (name, top) in enumerate(groups.items()):
         style = ("-", "--", "-.", ":")[index % 4]
@@ -2356,7 +2357,7 @@ def plot_confidence(groups: dict[str, torch.Tensor]):
     axis.set(xlabel="the network's top digit probability", ylabel="pictures in the group (%, log scale)",
              title="How sure is it?", xlim=(0, 1), yscale="log", ylim=(0.05, 150))
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=9, loc="upper left")
+    axis.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1)
     _finish(figure)
 
 
@@ -2420,7 +2421,7 @@ def plot_confusions(result: Evaluation):
     logarithmic colour scale so that single mistakes show; empty cells are left white."""
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
-    figure, axes = plt.subplots(1, 2, figsize=(13, 6), layout="constrained", width_ratios=[10, 19])
+    figure, axes = plt.subplots(1, 2, figsize=(14, 8), layout="constrained", width_ratios=[10, 19])
     matrices = {"digit": result.digit_confusion, "sum": result.sum_confusion}
     scale = LogNorm(vmin=1, vmax=max(int(m.max()) for m in matrices.values()))
     for axis, (name, matrix) in zip(axes, matrices.items()):
@@ -2430,7 +2431,7 @@ def plot_confusions(result: Evaluation):
         small = len(matrix) > NUM_DIGITS
         for (true, said), count in np.ndenumerate(matrix.numpy()):
             if count:
-                axis.text(said, true, str(count), ha="center", va="center", fontsize=5.5 if small else 8,
+                axis.text(said, true, str(count), ha="center", va="center", fontsize=7 if small else 9,
                           color="black" if count > 30 else "white")
         axis.set_xticks(range(len(matrix)))
         axis.set_yticks(range(len(matrix)))
@@ -2443,7 +2444,8 @@ def plot_confusions(result: Evaluation):
 
 def show_mistakes(split: Split, result: Evaluation, count=16, columns=8):
     """Test pairs where either head is wrong: the truth, then the model's answer, coloured by
-    what is wrong (the title counts each kind)."""
+    what is wrong (the title counts each kind). Heads that disagree read "said 6, sum 10",
+    never as false arithmetic."""
     digit_wrong, sum_wrong = result.digit_pred != split.labels.cpu(), result.sum_pred != split.sums.cpu()
     kinds = {"red": ("digit and sum wrong", digit_wrong & sum_wrong),
              "orange": ("digit wrong, sum right", digit_wrong & ~sum_wrong),
@@ -2453,8 +2455,10 @@ def show_mistakes(split: Split, result: Evaluation, count=16, columns=8):
     for axis, i in zip(axes, index.tolist()):
         number = int(split.numbers[i])
         colour = next(colour for colour, (_, wrong) in kinds.items() if wrong[i])
-        _show(axis, split.images[i], f"true {int(split.labels[i])}+{number}={int(split.sums[i])}\n"
-              f"said {int(result.digit_pred[i])}+{number}={int(result.sum_pred[i])}", color=f"tab:{colour}")
+        digit, total = int(result.digit_pred[i]), int(result.sum_pred[i])
+        said = f"said {digit}+{number}={total}" if digit + number == total else f"said {digit}, sum {total}"
+        _show(axis, split.images[i], f"true {int(split.labels[i])}+{number}={int(split.sums[i])}\n{said}",
+              color=f"tab:{colour}")
     figure.suptitle(f"The first {len(index)} of {int((digit_wrong | sum_wrong).sum())} test pairs answered wrong. "
                     + "; ".join(f"{colour}: {kind}, {int(wrong.sum())}" for colour, (kind, wrong) in kinds.items()))
     _finish(figure)
@@ -2567,7 +2571,7 @@ def show_preparation(model: Net, picture, number: int) -> Answer:
     answer = Answer(digit_lp[0].exp(), sum_lp[0].exp(), number)
     titles = {"picture": f"picture, {steps['picture'].shape[1]} x {steps['picture'].shape[0]} px",
               "ink": "ink found (inverted)", "kept": "kept: read as the digit",
-              "cropped": "cropped to them",
+              "cropped": "cropped to their box",
               "framed": f"framed 28 x 28:\n{answer.title} ({100 * float(answer.digit_probs.max()):.0f} %)"}
     figure, axes = _grid(len(steps), len(steps), size=2.6, title_lines=1)
     for axis, (name, image) in zip(axes, steps.items()):

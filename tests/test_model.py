@@ -129,6 +129,31 @@ def test_nothing_hard_codes_the_sum(trained, train_slice, test_split):
     assert accuracy(cheat, identity) > 0.9 and accuracy(cheat, scramble) < 0.2
 
 
+class ProbsTableHead(helpers.SumHead):
+    """A head a student might write (exercise 2): fc layers on the digit's probabilities and
+    the one-hot number."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 19))
+
+    def log_probs(self, digit_logits, one_hot):
+        return F.log_softmax(self.table(torch.cat([digit_logits.softmax(1), one_hot], 1)), 1)
+
+
+def test_train_sum_head_trains_a_head_of_your_own(trained, train_slice, test_split):
+    model, _ = trained
+    head = ProbsTableHead()
+    untrained = [p.detach().clone() for p in head.parameters()]
+    test = test_split.first(1000)
+    trained_head = helpers.train_sum_head(head, helpers.digit_logits_of(model, train_slice),
+                                          train_slice.labels, helpers.Recipe(epochs=3, seed=0))
+    assert trained_head is head
+    assert not all(torch.equal(a, b) for a, b in zip(untrained, head.parameters()))
+    test_logits = helpers.digit_logits_of(model, test)
+    assert helpers.sum_accuracy(head, test_logits, test.labels, test.numbers) > 0.8
+
+
 def test_one_hot_numbers_give_the_same_output():
     model = helpers.Net().eval()
     images, numbers = torch.randn(4, 1, 28, 28), torch.tensor([2, 9, 0, 5])

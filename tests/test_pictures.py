@@ -276,6 +276,27 @@ def test_an_answer_is_sure_only_when_confident_and_the_heads_agree():
     assert 0.5 < helpers.MIN_CONFIDENCE < 1
 
 
+def test_the_mistakes_grid_never_prints_false_arithmetic(monkeypatch, test_split):
+    """A pair whose heads disagree reads "said 6, sum 10", not "said 6+2=10"."""
+    import matplotlib.pyplot as plt
+    monkeypatch.setattr(plt, "show", lambda: None)
+    test = test_split.first(3)
+    digit_pred, sum_pred = test.labels.clone(), test.sums.clone()
+    digit_pred[0] = (digit_pred[0] + 1) % 10  # digit wrong, sum right: the heads disagree
+    sum_pred[1] += 1  # digit right, sum wrong
+    result = helpers.Evaluation(0.0, 0.0, 1, 2, 1, 1, 3, torch.zeros(10, 10), torch.zeros(19, 19),
+                                digit_pred, sum_pred)
+    helpers.show_mistakes(test, result)
+    titles = [axis.get_title() for axis in plt.gcf().axes if axis.get_title()]
+    plt.close("all")
+    assert len(titles) == 2
+    for title, i in zip(titles, (0, 1)):
+        said = title.splitlines()[1]
+        number = int(test.numbers[i])
+        assert said == f"said {int(digit_pred[i])}, sum {int(sum_pred[i])}", said
+        assert f"+{number}=" not in said
+
+
 def test_pictures_of_no_digit_are_flagged_and_digits_are_not(trained):
     """Flagged: refused by the preparation, or not sure. The small test model trained with
     outlier exposure, on 8,000 images; the full model's rates are the notebook's."""
