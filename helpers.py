@@ -524,8 +524,7 @@ class AdderHead(LineHead):
         digit and leave rare sums stranded in the wrong place on the line. The weights are
         detached (held fixed): the digit reader learns from the digit labels, since a sum label
         says nothing more about the image, and a half-ordered line pushing it cost digit
-        accuracy (in the trials that chose this, on the project's earlier AMD CPU: 99.25 %
-        against 99.52 % after 3 epochs).
+        accuracy in the trials that chose this.
         """
         with _full_precision(digit_logits.device):
             per_digit = self.sum_given_digit(one_hot.float())  # [B, 10, 19]
@@ -1183,7 +1182,7 @@ class Answer:
     def __str__(self) -> str:
         (first, second), (digit, runner_up) = (values.tolist() for values in self.digit_probs.topk(2))
         if self.sure:
-            return f"digit {digit}, {digit} + {self.number} = {self.total} ({100 * first:.0f} % sure)"
+            return f"digit {digit} ({100 * first:.0f} % sure), {digit} + {self.number} = {self.total}"
         if first >= MIN_CONFIDENCE:  # the heads disagree
             return (f"not sure: the digit looks like a {digit} ({100 * first:.0f} %), but the sum "
                     f"head answers {self.total}, not {digit} + {self.number} = {digit + self.number}")
@@ -2573,7 +2572,7 @@ def show_preparation(model: Net, picture, number: int) -> Answer:
     titles = {"picture": f"picture, {steps['picture'].shape[1]} x {steps['picture'].shape[0]} px",
               "ink": "ink found (inverted)", "kept": "kept: read as the digit",
               "cropped": "cropped to their box",
-              "framed": f"framed 28 x 28:\n{answer.title} ({100 * float(answer.digit_probs.max()):.0f} %)"}
+              "framed": f"framed 28 x 28:\n{answer.title} (digit {100 * float(answer.digit_probs.max()):.0f} %)"}
     figure, axes = _grid(len(steps), len(steps), size=2.6, title_lines=1)
     for axis, (name, image) in zip(axes, steps.items()):
         side = max(image.shape)  # pad to a square, so every panel is the same size

@@ -65,7 +65,7 @@ def test_cli_predicts_a_large_off_centre_dark_on_light_png(trained, model_file, 
     assert int(digit_probs.argmax()) == 7 and digit_probs.max() >= helpers.MIN_CONFIDENCE
     answer = run_cli("predict", "--model", str(model_file), str(path), "7")
     assert answer.returncode == 0, answer.stderr
-    assert answer.stdout.strip() == f"digit 7, 7 + 7 = 14 ({100 * float(digit_probs.max()):.0f} % sure)"
+    assert answer.stdout.strip() == f"digit 7 ({100 * float(digit_probs.max()):.0f} % sure), 7 + 7 = 14"
 
 
 def test_cli_says_not_sure_on_a_picture_of_no_digit(trained, model_file, tmp_path):

@@ -261,7 +261,7 @@ def one_hot(index, classes, value=0.91):
 
 def test_an_answer_is_sure_only_when_confident_and_the_heads_agree():
     sure = helpers.Answer(one_hot(4, 10), one_hot(11, 19), 7)
-    assert sure.sure and str(sure) == "digit 4, 4 + 7 = 11 (91 % sure)" and sure.title == "4 + 7 = 11"
+    assert sure.sure and str(sure) == "digit 4 (91 % sure), 4 + 7 = 11" and sure.title == "4 + 7 = 11"
     unsure_digit = torch.zeros(10)
     unsure_digit[4], unsure_digit[9], unsure_digit[1] = 0.55, 0.40, 0.05
     unsure = helpers.Answer(unsure_digit, one_hot(11, 19), 7)
