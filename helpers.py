@@ -518,13 +518,12 @@ class AdderHead(LineHead):
         """The sum's cross-entropy -log q(s | d, n), averaged over the digits d with weights
         p(d | image).
 
-        By Jensen's inequality (-log of a mixture is at most the mixture of -logs) this bounds
-        the cross-entropy of the mixed answer from above. Its gradient sends each example to
+        By Jensen's inequality (-log of a mixture is at most the mixture of -logs) this is an
+        upper bound on the cross-entropy of the mixed answer. Its gradient moves the positions of
         the digit the network believes, where the mixture's own gradient can blame an unlikely
-        digit and leave rare sums stranded in the wrong place on the line. The weights are
-        detached (held fixed): the digit reader learns from the digit labels, since a sum label
-        says nothing more about the image, and a half-ordered line pushing it cost digit
-        accuracy in the trials that chose this.
+        digit and leave rare sums in the wrong place on the line. The weights p(d | image) are
+        held fixed (detached): the digit reader learns from the digit labels alone, since a sum
+        label says nothing more about the image.
         """
         with _full_precision(digit_logits.device):
             per_digit = self.sum_given_digit(one_hot.float())  # [B, 10, 19]
