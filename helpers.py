@@ -1626,8 +1626,7 @@ class _Pieces:
         count, labels, stats, _ = cv2.connectedComponentsWithStats(strong.astype(np.uint8),
                                                                    connectivity=8)
         x, y, w, h, area = stats[1:].T
-        border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
-        contact = np.bincount(border, minlength=count)[1:]
+        contact = np.bincount(_border(labels), minlength=count)[1:]
         height, width = strong.shape
         along = contact >= _EDGE_CONTACT * np.maximum(w, h)
         edge = (contact > 0) & ((w >= _EDGE_SPAN * width) | (h >= _EDGE_SPAN * height) | along)
@@ -1704,7 +1703,8 @@ def _stroke_width(kept: np.ndarray) -> float:
 
 def _even_strokes(ink: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Step 9: (ink, kept) with strokes that would frame thinner than _MIN_STROKE thickened (a
-    grey dilation of the digit's ink) so that they frame _STROKE_WIDTH px wide, as MNIST's."""
+    grey dilation of the digit's ink) so that they frame _STROKE_WIDTH px wide, as MNIST's, and
+    strokes wider than _MAX_STROKE thinned towards it (a grey erosion, by at most a quarter)."""
     rows, cols = np.nonzero(kept)
     size = max(np.ptp(rows), np.ptp(cols)) + 1
     width = _stroke_width(kept)
@@ -1716,8 +1716,7 @@ def _even_strokes(ink: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.nda
     if radius == 0:
         return ink, kept
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * abs(radius) + 1,) * 2)
-    near = cv2.dilate(kept.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
-    ink = np.where(near, ink, 0).astype(np.float32)
+    ink = np.where(_near(kept), ink, 0).astype(np.float32)
     if radius < 0:
         return cv2.erode(ink, kernel), cv2.erode(kept.astype(np.uint8), kernel) > 0
     return cv2.dilate(ink, kernel), cv2.dilate(kept.astype(np.uint8), kernel) > 0
@@ -1733,9 +1732,13 @@ def _framed(ink: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _cropped(ink: np.ndarray, kept: np.ndarray) -> np.ndarray:
     """Step 10, first half: the box of the kept pieces and the ink within 1 px of them (their
     soft rims: without them MNIST's boxes shrink, and answers change)."""
-    near = cv2.dilate(kept.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
-    rows, cols = np.nonzero(near & (ink > 0))
+    rows, cols = np.nonzero(_near(kept) & (ink > 0))
     return ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+
+
+def _near(kept: np.ndarray) -> np.ndarray:
+    """The kept pieces and the pixels within 1 px of them: their soft rims."""
+    return cv2.dilate(kept.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
 
 
 def _fit_and_centre(cropped: np.ndarray) -> np.ndarray:
