@@ -472,7 +472,7 @@ class LineHead(SumHead):
     from random starts, and a sharpness k. A total t scores sum s by -k (t - z_s)^2.
 
     The 40 parameters learn 10x faster than the network: they must travel far from their
-    random starts, and k must grow from 1 to tens, while the one-cycle schedule still warms up.
+    random starts, and k must grow from 1 to several, while the one-cycle schedule still warms up.
     """
     lr_scale = 10.0
 
