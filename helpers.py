@@ -1482,8 +1482,13 @@ _SPECK_SIZE = 0.05  # a piece spanning under 5 % of the picture's shorter side i
 _STRONG_INK = 90  # this percentile of the digit's ink becomes 1, as MNIST's strokes saturate
 _STROKE_WIDTH = 2.0  # px in the 28 x 28 frame: MNIST's median stroke width (1.9 px, at half the
 #                     ink's strength, on 2,000 training digits enlarged 4 times to measure it)
-_MIN_STROKE = 1.4  # strokes thinner than MNIST's 10th percentile once framed (a 3 px pen on a
-#                   1000 px picture frames to 0.3 px and fades) are thickened to _STROKE_WIDTH
+_MIN_STROKE = 1.3  # strokes thinner than all but 1 % of MNIST's once framed (a 3 px pen on a 1000 px
+#                   picture frames to 0.3 px and fades) are thickened to _STROKE_WIDTH: at 1.4 (3 %),
+#                   prepared MNIST test digits kept 99.90 % of their answers, against 99.95 %
+_MEASURE_SIZE = 80  # px: a smaller digit is measured and evened enlarged to at least this size, as
+#                     MNIST's widths were: at 1 px or 2 px, the outline is the whole stroke, so the
+#                     two measure alike, and a stroke can only grow by whole pixels
+_MAX_ZOOM = 4  # ... enlarged at most 4 times, as MNIST's were
 _MAX_STROKE = 3.0  # strokes wider than MNIST's 90th percentile (2.8 px) once framed (a marker on a
 #                   small digit) are thinned towards _STROKE_WIDTH, by at most a quarter of their width
 
@@ -1701,15 +1706,42 @@ def _stroke_width(kept: np.ndarray) -> float:
     return 2 * float(mask.sum()) / max(int(outline.sum()), 1)
 
 
-def _even_strokes(ink: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _size(kept: np.ndarray) -> int:
+    """The kept pieces' larger side, in px."""
+    rows, cols = np.nonzero(kept)
+    return int(max(np.ptp(rows), np.ptp(cols))) + 1
+
+
+def _even_strokes(ink: np.ndarray, kept: np.ndarray, enlarge: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Step 9: (ink, kept) with strokes that would frame thinner than _MIN_STROKE thickened (a
     grey dilation of the digit's ink) so that they frame _STROKE_WIDTH px wide, as MNIST's, and
-    strokes wider than _MAX_STROKE thinned towards it (a grey erosion, by at most a quarter)."""
-    rows, cols = np.nonzero(kept)
-    size = max(np.ptp(rows), np.ptp(cols)) + 1
-    width = _stroke_width(kept)
-    if _MIN_STROKE <= width * _DIGIT_BOX / size <= _MAX_STROKE:
-        return ink, kept
+    strokes wider than _MAX_STROKE thinned towards it (a grey erosion, by at most a quarter).
+
+    Thin strokes are measured and thickened on the digit enlarged to _MEASURE_SIZE (unless not
+    `enlarge`). Thick ones are measured and thinned at the picture's own scale, in whole pixels:
+    enlarged, MNIST's own thickest digits would be thinned too, and right answers would change."""
+    zoom = min(math.ceil(_MEASURE_SIZE / _size(kept)), _MAX_ZOOM) if enlarge else 1
+    enlarged = ink, kept
+    if zoom > 1:
+        enlarged = [cv2.resize(np.asarray(image, np.float32), None, fx=zoom, fy=zoom,
+                               interpolation=cv2.INTER_LINEAR) for image in (ink, kept)]
+        enlarged[1] = enlarged[1] > 0.5
+    if _framed_width(enlarged[1]) < _MIN_STROKE:
+        return _regrown(*enlarged)
+    if _framed_width(kept) > _MAX_STROKE:
+        return _regrown(ink, kept)
+    return ink, kept
+
+
+def _framed_width(kept: np.ndarray) -> float:
+    """The strokes' width once the digit is framed (its larger side _DIGIT_BOX px), in px."""
+    return _stroke_width(kept) * _DIGIT_BOX / _size(kept)
+
+
+def _regrown(ink: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ink, kept) grown or shrunk by whole pixels so that the strokes frame _STROKE_WIDTH px wide,
+    shrunk by at most a quarter of their width."""
+    size, width = _size(kept), _stroke_width(kept)
     # Growing by r on each side: (width + 2r) / (size + 2r) = _STROKE_WIDTH / _DIGIT_BOX.
     radius = (_STROKE_WIDTH * size - _DIGIT_BOX * width) / (2 * (_DIGIT_BOX - _STROKE_WIDTH))
     radius = int(max(radius, -width / 4))  # towards zero: never more than a quarter
@@ -1897,14 +1929,16 @@ def _frame_outliers(ink: torch.Tensor) -> torch.Tensor:
     edges are), then made ready one by one by the preparation's own steps: the strokes above
     _INK_SHARE of the strongest ink, stretched from the noise floor (step 8), thin ones
     thickened (9), cropped and framed (10). The refusals and the choice of the digit's pieces
-    are skipped: an outlier is all kept. -> [B, 28, 28]."""
+    are skipped: an outlier is all kept. Its strokes are evened at the canvas's own scale: measured
+    enlarged, as pictures are, the outliers changed training, and two seeds then read the real
+    pictures no better (97.8 % right, against 98.35 %). -> [B, 28, 28]."""
     ink = F.avg_pool2d(ink[:, None], 3, stride=1, padding=1, count_include_pad=False)[:, 0]
     framed, ink = [], ink.clamp(0, 1).numpy()
     for drawn, floor in zip(ink, _noise_floor(ink.reshape(len(ink), -1))[1].tolist()):
         kept = drawn > max(floor, _INK_SHARE * _strongest(drawn))
         kept = kept if kept.any() else drawn >= drawn.max()
         stretched = _stretched(drawn, kept, min(floor, float(drawn.max()) / 2))
-        framed.append(_framed(*_even_strokes(stretched, kept))[1])
+        framed.append(_framed(*_even_strokes(stretched, kept, enlarge=False))[1])
     return torch.from_numpy(np.stack(framed))
 
 

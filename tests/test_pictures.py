@@ -422,6 +422,18 @@ def test_a_thin_pen_on_a_large_page_is_thickened_as_mnist_strokes(trained):
         assert reads(model, pictures) == len(PEN_STROKES), pen
 
 
+def test_a_thin_pen_on_a_tiny_picture_is_thickened_too(trained):
+    """A 1 px line on a 28 x 28 picture, as paint programs save them. At that size a 1 px and a
+    2 px stroke look alike to the outline measure, so the digit is measured enlarged: prepared,
+    its strokes are about twice as wide as drawn (as MNIST's are), and it reads."""
+    model, _ = trained
+    pictures = {digit: pen_digit(digit, 1, canvas=(28, 28), height=20, at=(8, 4)) for digit in PEN_STROKES}
+    for picture in pictures.values():
+        drawn = int((np.asarray(picture.convert("L")) < 128).sum())
+        assert (helpers.preparation_steps(picture)["framed"] > 0.5).sum() >= 1.5 * drawn
+    assert reads(model, pictures) == len(PEN_STROKES)
+
+
 def test_tiny_and_faint_pictures_read(trained, raw_mnist):
     """A photo already shrunk to 28 x 28 in faint pencil (ink 0.16 darker than the paper), and a
     small digit in a 100 px picture."""
