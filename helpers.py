@@ -1721,16 +1721,19 @@ def _even_strokes(ink: np.ndarray, kept: np.ndarray, enlarge: bool = True) -> tu
     `enlarge`). Thick ones are measured and thinned at the picture's own scale, in whole pixels:
     enlarged, MNIST's own thickest digits would be thinned too, and right answers would change."""
     zoom = min(math.ceil(_MEASURE_SIZE / _size(kept)), _MAX_ZOOM) if enlarge else 1
-    enlarged = ink, kept
-    if zoom > 1:
-        enlarged = [cv2.resize(np.asarray(image, np.float32), None, fx=zoom, fy=zoom,
-                               interpolation=cv2.INTER_LINEAR) for image in (ink, kept)]
-        enlarged[1] = enlarged[1] > 0.5
-    if _framed_width(enlarged[1]) < _MIN_STROKE:
-        return _regrown(*enlarged)
+    measured = _enlarged(kept, zoom) > 0.5
+    if _framed_width(measured) < _MIN_STROKE:
+        return _regrown(_enlarged(ink, zoom), measured)  # the ink only now: most strokes pass
     if _framed_width(kept) > _MAX_STROKE:
         return _regrown(ink, kept)
     return ink, kept
+
+
+def _enlarged(image: np.ndarray, zoom: int) -> np.ndarray:
+    """`image` enlarged `zoom` times (bilinear), as float32; itself when `zoom` is 1."""
+    if zoom == 1:
+        return image
+    return cv2.resize(np.asarray(image, np.float32), None, fx=zoom, fy=zoom, interpolation=cv2.INTER_LINEAR)
 
 
 def _framed_width(kept: np.ndarray) -> float:
