@@ -754,7 +754,7 @@ class Recipe:
     seed: int = 0  # the order, the numbers and the augmentation of every epoch
     augment: float = 1.0  # the strength of `augment`; 0 trains on the images as they are
     outliers: int = 8  # pictures of no digit added to each batch (outlier exposure); 0: none
-    outlier_weight: float = 0.15  # their loss's weight: 0.25 cost a seed a quarter point of digits
+    outlier_weight: float = 0.1  # their loss's weight: 0.15 read MNIST 0.1 point worse on 4 seeds of 4
     holdout: tuple | None = None  # (digit, number) pairs that never occur in training
     precision: str = "auto"
 
