@@ -44,12 +44,10 @@ def trained(train_slice, test_split):
 
     In fp32: bf16 kernels differ between CPU models, and so would a model trained in bf16.
     """
-    torch.manual_seed(0)
-    model = helpers.Net()
+    model = helpers.new_model(0)
     recipe = helpers.Recipe(epochs=3, batch_size=64, outliers=4, precision="fp32")  # 8 per 128, halved
     history = helpers.train(model, train_slice, test_split.first(1000), recipe, progress=False, log=None)
     return model, history
-
 
 
 def _available(name: str) -> bool:
@@ -72,9 +70,15 @@ def device(request):
 def meta(monkeypatch):
     """A stand-in GPU for machines without one. Tensors on the meta device have shapes but no
     values, and an operation that mixes them with CPU tensors raises, as it would with a GPU.
-    Results leave the device through `helpers._to_host`, which here hands back zeros of the
-    right shape and type, so the code after it runs on."""
+    Results leave the device through `helpers._to_host`, which here hands back stand-ins of the
+    right shape and type (random intensities for floats, zeros for integers), so the code after
+    it runs on."""
+    def stand_in(tensor):
+        if tensor.is_floating_point():
+            return torch.rand(tensor.shape, generator=torch.Generator().manual_seed(0))
+        return torch.zeros(tensor.shape, dtype=tensor.dtype)
+
     def to_host(*tensors):
-        return [torch.zeros(t.shape, dtype=t.dtype) if t.is_meta else t.cpu() for t in tensors]
+        return [stand_in(t) if t.is_meta else t.cpu() for t in tensors]
     monkeypatch.setattr(helpers, "_to_host", to_host)
     return torch.device("meta")

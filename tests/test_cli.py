@@ -1,4 +1,4 @@
-"""The command line: train, evaluate, predict and benchmark, and one error line per mistake."""
+"""The command line: train, evaluate, predict and score, and one error line per mistake."""
 import json
 import signal
 import subprocess
@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import helpers
+import pictures
 from conftest import ROOT
 from test_pictures import as_photo
 
@@ -70,12 +71,12 @@ def test_cli_predicts_a_large_off_centre_dark_on_light_png(trained, model_file, 
 
 def test_cli_says_not_sure_on_a_picture_of_no_digit(trained, model_file, tmp_path):
     """A crop of a photo that the preparation does not refuse, but that shows no digit."""
-    pictures = helpers.nondigit_photos(40, seed=11)
-    digit_probs, sum_probs = helpers.read_pictures(trained[0], pictures, [2] * 40)
+    nondigits = pictures.nondigit_photos(40, seed=11)
+    digit_probs, sum_probs = helpers.read_pictures(trained[0], nondigits, [2] * 40)
     unsure = (~helpers.is_sure(digit_probs, sum_probs, 2) & ~digit_probs.isnan().any(1)).nonzero().flatten()
     assert len(unsure), "every picture of no digit was refused or read with confidence"
     path = tmp_path / "no-digit.png"  # lossless: the command reads the very picture chosen
-    pictures[int(unsure[0])].convert("RGB").save(path)
+    nondigits[int(unsure[0])].convert("RGB").save(path)
     answer = run_cli("predict", "--model", str(model_file), str(path), "2")
     assert answer.returncode == 0, answer.stderr
     assert answer.stdout.startswith("not sure: "), answer.stdout
@@ -137,8 +138,8 @@ def test_cli_ctrl_c_keeps_the_last_finished_epoch(tmp_path, data_dir):
 
 
 def test_ctrl_c_before_the_first_epoch_saves_nothing(tmp_path, monkeypatch, capsys, data_dir):
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+    def interrupted(*args, stop_requested, **kwargs):  # Ctrl-C during the first epoch
+        return []
     monkeypatch.setattr(helpers, "train", interrupted)
     code = helpers.main(["train", "--limit", "64", "--device", "cpu", "--data", str(data_dir),
                          "--out", str(tmp_path / "model.pt")])
@@ -164,23 +165,6 @@ def test_a_failed_save_after_training_keeps_the_model(tmp_path, monkeypatch, cap
     assert code == 1 and "No space left" in errors and len(rescued) == 1
     assert f"saved the model to '{rescued[0]}' instead" in errors
     helpers.load_checkpoint(rescued[0])
-
-
-def test_benchmark_trains_at_the_precision_it_is_given(data_dir):
-    """A few steps, not full epochs: the structure of the figures and how they follow from
-    each other, not the speed."""
-    recipe = helpers.Recipe(epochs=1, batch_size=64, precision="fp32")
-    result = helpers.benchmark(torch.device("cpu"), data_dir, recipe, steps=2, short_images=100,
-                               train_limit=256, test_limit=200, log=None)
-    assert result["precision"] == "fp32" and result["device"] == helpers.describe_machine(torch.device("cpu"))
-    assert {size: run["images"] for size, run in result["runs"].items()} == {256: 256, 100: 100}
-    assert all(record["precision"] == "fp32" for run in result["runs"].values() for record in run["history"])
-    assert set(result["images_per_s"]) == {"reference pipeline", "ours fp32", "ours bf16", "ours fp32, whole recipe"}
-    assert result["reference_recipe_seconds_to_99"] == pytest.approx(
-        helpers._REFERENCE_EPOCHS_TO_99 * 60000 / result["reference_recipe_images_per_s"])
-    same_size = helpers.benchmark(torch.device("cpu"), data_dir, recipe, steps=2, short_images=256,
-                                  train_limit=256, test_limit=200, log=None)
-    assert list(same_size["runs"]) == [256]  # one run, not one overwriting another
 
 
 def score_folder_of(tmp_path, raw_mnist):

@@ -1,7 +1,9 @@
-"""Everything the notebook and the command line run, on every device: the CPU always, a GPU
-where there is one, and on any machine the meta device standing in for a GPU, which catches a
-tensor left on the wrong device."""
+"""Where and how the network computes: the precision policy, each precision's path, and
+everything the notebooks and the command line run on a GPU where there is one. Without one, the
+meta device stands in: its tensors have shapes but no values, and an operation that mixes them
+with CPU tensors raises, as it would with a GPU's."""
 import copy
+import warnings
 from pathlib import Path
 
 import pytest
@@ -14,48 +16,66 @@ def on(device, split: helpers.Split) -> helpers.Split:
     return helpers.Split(*(None if t is None else t.to(device) for t in (split.images, split.labels, split.numbers)))
 
 
-# ----------------------------------------------------------------------------- the policy
-
 def fake_gpu(monkeypatch, capability, name="a fake GPU"):
     """Makes torch answer as a CUDA GPU of `capability` would, on a machine without one."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
 
 
+def fake_cpu(monkeypatch, native_bf16):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native_bf16)
+
+
+CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
+
+
+# ----------------------------------------------------------------------------- the policy
+
 @pytest.mark.parametrize("native_cpu, capability, cpu_auto, cuda_auto", [
     (True, (9, 0), "bf16", "bf16"),  # an AMX or AVX512-BF16 CPU; an H100 or H200
     (False, (8, 0), "fp32", "bf16"),  # a CPU without native bf16; an A100 (or an L4, 8.9)
     (False, (7, 5), "fp32", "fp16"),  # Colab's T4: bf16 only emulated, fast fp16
+    (False, (6, 1), "fp32", "fp32"),  # a Pascal card: no fast fp16 either
 ])
 def test_auto_precision_follows_the_hardware(monkeypatch, native_cpu, capability, cpu_auto, cuda_auto):
-    cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native_cpu)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native_cpu)
+    fake_cpu(monkeypatch, native_cpu)
     fake_gpu(monkeypatch, capability)
-    assert helpers.choose_precision("auto", cpu) == cpu_auto
-    assert helpers.choose_precision("auto", cuda) == cuda_auto
-    assert helpers.choose_precision("auto", mps) == "fp32"  # unmeasured there
-    for device in (cpu, cuda, mps):
+    assert helpers.choose_precision("auto", CPU) == cpu_auto
+    assert helpers.choose_precision("auto", CUDA) == cuda_auto
+    assert helpers.choose_precision("auto", MPS) == "fp32"  # unmeasured there
+    for device in (CPU, CUDA, MPS):
         assert helpers.choose_precision("fp32", device) == "fp32"
-    assert helpers.choose_precision("bf16", cpu) == "bf16"  # emulated where not native: allowed
-    assert helpers.choose_precision("fp16", cuda) == "fp16"
-    if cuda_auto == "bf16":
-        assert helpers.choose_precision("bf16", cuda) == "bf16"
-    else:
-        with pytest.raises(ValueError, match="no native bf16.*use fp16 or fp32"):
-            helpers.choose_precision("bf16", cuda)
+    assert helpers.choose_precision("bf16", CPU) == "bf16"  # emulated where not native: allowed
+    assert offered("bf16", CUDA) == (capability >= (8, 0)) and offered("fp16", CUDA) == (capability >= (7, 0))
 
 
-@pytest.mark.parametrize("precision, device, message", [
-    ("fp16", "cpu", "CUDA GPUs only.*use bf16 or fp32"),
-    ("bf16", "mps", "not offered on MPS.*use fp32"),
-    ("fp16", "mps", "not offered on MPS.*use fp32"),
-    ("half", "cpu", "precision must be one of"),
-])
-def test_a_precision_the_device_cannot_run_gets_one_clear_line(precision, device, message):
+def offered(precision, device):
+    try:
+        return helpers.choose_precision(precision, device) == precision
+    except ValueError:
+        return False
+
+
+def raises_one_line(call, message):
     with pytest.raises(ValueError, match=message) as error:
-        helpers.choose_precision(precision, torch.device(device))
+        call()
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("precision, device, capability, message", [
+    ("fp16", CPU, None, "compute capability 7.0.*use bf16 or fp32"),
+    ("fp16", CUDA, (6, 1), "compute capability 7.0.*use fp32"),
+    ("bf16", CUDA, (7, 5), "no native bf16.*use fp16 or fp32"),
+    ("bf16", MPS, None, "not offered on mps.*use fp32"),
+    ("fp16", MPS, None, "not offered on mps.*use fp32"),
+    ("half", CPU, None, "precision must be one of"),
+])
+def test_a_precision_the_device_cannot_run_gets_one_clear_line(monkeypatch, precision, device, capability, message):
+    if capability:
+        fake_gpu(monkeypatch, capability)
+    raises_one_line(lambda: helpers.choose_precision(precision, device), message)
+    raises_one_line(lambda: helpers.Precision(precision, device), message)
 
 
 def test_native_bf16_matches_the_cpu_flags():
@@ -63,53 +83,154 @@ def test_native_bf16_matches_the_cpu_flags():
     if not cpuinfo.exists():
         pytest.skip("no /proc/cpuinfo to compare with")
     flags = set(cpuinfo.read_text().split())
-    assert helpers._has_native_bf16() == bool({"avx512_bf16", "amx_tile"} & flags)
+    assert helpers.has_native_bf16() == bool({"avx512_bf16", "amx_tile"} & flags)
 
 
-def test_full_precision_turns_autocast_off_on_each_device(device):
-    layer = torch.nn.Linear(4, 4).to(device)
-    inputs = torch.randn(2, 4, device=device)
-    precision = helpers.choose_precision("auto", device)
-    with helpers.autocast(precision, device):
-        assert layer(inputs).dtype == (torch.float32 if precision == "fp32" else helpers._HALF_TYPES[precision])
-        with helpers._full_precision(device):
-            assert layer(inputs).dtype == torch.float32
+def test_choose_device_takes_the_best_device_here_or_a_named_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert helpers.choose_device() == CUDA and helpers.choose_device("cpu") == CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert helpers.choose_device("auto") == CPU
+    raises_one_line(lambda: helpers.choose_device("cuda"), "'cuda' is not available on this machine")
+    raises_one_line(lambda: helpers.choose_device("tpu"), "device must be auto, cpu, cuda or mps")
 
 
-def test_only_fp16_gets_a_gradient_scaler_and_train_step_uses_it():
-    cpu = torch.device("cpu")
-    assert helpers._gradient_scaler("fp32", cpu) is None and helpers._gradient_scaler("bf16", cpu) is None
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)  # the fp16 path, on the CPU
-    torch.manual_seed(0)
-    model = helpers.Net()
-    optimizer = torch.optim.Adam(model.parameter_groups(0.01))
-    batch = helpers.Batch(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)), torch.randint(0, 10, (8,)))
-    before = [p.detach().clone() for p in model.parameters()]
-    helpers.train_step(model, optimizer, batch, "fp32", scaler=scaler)
-    assert scaler._scale is not None  # the scaler scaled this step's loss
-    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+def test_fp16_always_comes_with_its_scaler_and_the_others_never(monkeypatch):
+    fake_gpu(monkeypatch, (7, 5))
+    with warnings.catch_warnings():  # a GradScaler for CUDA on a machine without one warns
+        warnings.simplefilter("ignore")
+        for name in ("fp16", "auto"):
+            precision = helpers.Precision(name, "cuda")
+            assert precision.name == "fp16" and isinstance(precision.scaler, torch.amp.GradScaler)
+    for name in ("fp32", "bf16"):
+        assert helpers.Precision(name, CPU).scaler is None
+    with pytest.raises(TypeError, match="Precision\\('auto', device\\)"):
+        helpers.train_step(helpers.Net(), None, None, "fp16")
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp16"])
+def test_autocast_computes_in_the_named_precision_and_exact_fp32_turns_it_off(device, name):
+    try:
+        precision = helpers.Precision(name, device)
+    except ValueError as error:  # fp16 on a CPU, bf16 on a T4: the policy's own refusal
+        pytest.skip(str(error))
+    layer = torch.nn.Conv2d(1, 4, 3).to(device)
+    images = torch.randn(2, 1, 8, 8, device=device)
+    with precision.autocast():
+        assert layer(images).dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[name]
+        with helpers.exact_fp32(device):
+            assert layer(images).dtype == torch.float32
+    with helpers.Precision("fp32", device).autocast():
+        assert layer(images).dtype == torch.float32
+
+
+def test_exact_fp32_turns_tf32_off_on_cuda_and_back_on_after():
+    """TF32 rounds fp32 convolutions' inputs to 10 fraction bits on Ampere and later GPUs;
+    PyTorch allows it for cuDNN by default. The flags are plain settings, so no GPU is needed."""
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        with warnings.catch_warnings():  # autocast for CUDA on a machine without one warns
+            warnings.simplefilter("ignore")
+            with helpers.exact_fp32(CUDA):
+                assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def small_batch(device=CPU, count=16, outliers=4):
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(count + outliers, 1, 28, 28, generator=generator).to(device)
+    labels, numbers = torch.randint(0, 10, (2, count), generator=generator).to(device)
+    return helpers.Batch(images[:count], labels, numbers, images[count:])
+
+
+class HostReads:
+    """Counts every read of a tensor's value on the host (`.item()`, `bool()`, `float()`,
+    `.tolist()`): each one makes the CPU wait for a GPU."""
+
+    NAMES = ("item", "__bool__", "__float__", "tolist")
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        for name in self.NAMES:
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._counted(original))
+
+    def _counted(self, original):
+        def read(tensor, *args):
+            self.count += 1
+            return original(tensor, *args)
+        return read
+
+
+def test_an_fp16_step_with_its_scaler_reads_nothing_back_on_the_host(monkeypatch):
+    """The fp16 path, with the CPU standing in for a T4 (CPUs compute fp16 slowly, but its
+    scaler and fused Adam run there as on CUDA). GradScaler.step reads the overflow flag on the
+    host unless the optimizer takes it on the device, as fused Adam does."""
+    monkeypatch.setattr(helpers, "_has_fast_fp16", lambda device: True)
+    precision = helpers.Precision("fp16", CPU)
+    assert precision.name == "fp16" and isinstance(precision.scaler, torch.amp.GradScaler)
+    model = helpers.new_model(0)
+    optimizer = helpers.adam(model.parameter_groups(0.01))
+    batch, before = small_batch(), copy.deepcopy(model.state_dict())
+    reads = HostReads(monkeypatch)
+    for _ in range(3):
+        helpers.train_step(model, optimizer, batch, precision, outlier_weight=0.1)
+    assert reads.count == 0
+    monkeypatch.undo()
+    assert 0 < precision.scaler.get_scale() < float("inf")
+    assert any(not torch.equal(a, b) for a, b in zip(before.values(), model.state_dict().values()))
+
+
+def test_the_line_heads_learn_ten_times_faster_than_the_digit_reader():
+    for kind in helpers.SUM_HEADS:
+        model = helpers.Net(sum_head=kind)
+        groups = model.parameter_groups(0.02)
+        assert [group["lr"] for group in groups] == pytest.approx(
+            [0.02, 0.2 if isinstance(model.sum_head, helpers.LineHead) else 0.02]), kind
+        assert sum(len(group["params"]) for group in groups) == len(list(model.parameters()))
+    optimizer, schedule = helpers._one_cycle_adam(helpers.Net().parameter_groups(0.02), 100)
+    for _ in range(30):  # the peak, where the one-cycle schedule has warmed up
+        optimizer.step()
+        schedule.step()
+    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([0.02, 0.2], rel=0.01)
+
+
+def test_channels_last_gives_the_same_answers(trained, test_split):
+    """`train` turns the weights channels_last on the CPU: a layout, not other values."""
+    model = copy.deepcopy(trained[0]).eval()
+    images, numbers = test_split.images[:200], test_split.numbers[:200]
+    with torch.no_grad():
+        answers = [model.to(memory_format=layout)(images.contiguous(memory_format=layout), numbers)
+                   for layout in (torch.channels_last, torch.contiguous_format)]
+    for last, plain in zip(*answers):
+        assert torch.allclose(last, plain, atol=1e-4) and torch.equal(last.argmax(1), plain.argmax(1))
 
 
 # ----------------------------------------------------------------------------- meta: no GPU needed
+# torch runs no autocast and no scaler on meta, so these run in fp32; the 16-bit paths run for
+# real on the CPU above and in tests/test_training.py, and on CUDA in .ci/gpu-check.
 
 @pytest.mark.parametrize("sum_head", list(helpers.SUM_HEADS))
 def test_forward_loss_and_train_step_stay_on_the_device(meta, sum_head):
     model = helpers.Net(sum_head=sum_head).to(meta)
-    images, outliers = torch.randn(16, 1, 28, 28, device=meta), torch.randn(4, 1, 28, 28, device=meta)
-    labels, numbers = torch.randint(0, 10, (16,), device=meta), torch.randint(0, 10, (16,), device=meta)
-    digits, sums = model(images, numbers)
+    batch = small_batch(meta)
+    digits, sums = model(batch.images, batch.numbers)
     assert digits.device == sums.device == meta and sums.shape == (16, 19)
-    optimizer = torch.optim.Adam(model.parameter_groups(0.01))
-    loss = helpers.train_step(model, optimizer, helpers.Batch(images, labels, numbers, outliers), "fp32", 0.25)
+    optimizer = helpers.adam(model.parameter_groups(0.01))
+    loss = helpers.train_step(model, optimizer, batch, helpers.Precision("fp32", meta), 0.25)
     assert loss.device == meta and all(p.device == meta for p in model.parameters())
 
 
 def test_training_and_evaluation_stay_on_the_device(meta, train_slice, test_split):
-    """`train` with augmentation, outliers and a hold-out, then every evaluation the notebook
-    shows, with the splits and the model on the stand-in GPU."""
+    """`train` with augmentation, outliers and a hold-out, in fp32, then every evaluation the
+    notebooks show, with the splits and the model on the stand-in GPU."""
     train, test = on(meta, train_slice.first(64)), on(meta, test_split.first(32))
-    recipe = helpers.Recipe(epochs=1, batch_size=16, outliers=2, holdout=helpers.HOLDOUT_PAIRS, precision="auto")
-    model = helpers.Net()
+    recipe = helpers.Recipe(epochs=1, batch_size=16, outliers=2, holdout=helpers.HOLDOUT_PAIRS, precision="fp32")
+    model = helpers.new_model(0, meta)
     history = helpers.train(model, train, test, recipe, progress=False, log=None)
     assert len(history) == 1 and history[0]["precision"] == "fp32"
     assert all(p.device == meta for p in model.parameters())
@@ -119,14 +240,17 @@ def test_training_and_evaluation_stay_on_the_device(meta, train_slice, test_spli
     assert helpers.digit_logits_of(model, test).device == meta
 
 
-def test_training_refuses_a_test_split_on_another_device(meta, train_slice, test_split):
+def test_training_refuses_a_model_or_a_test_split_on_another_device(meta, train_slice, test_split):
+    train, test = train_slice.first(64), test_split.first(32)
     with pytest.raises(ValueError, match="test split on meta"):
-        helpers.train(helpers.Net(), train_slice.first(64), on(meta, test_split.first(32)), progress=False, log=None)
+        helpers.train(helpers.Net(), train, on(meta, test), progress=False, log=None)
+    with pytest.raises(ValueError, match="the model is on meta but the splits on cpu.*model.to"):
+        helpers.train(helpers.Net().to(meta), train, test, progress=False, log=None)
 
 
 @pytest.mark.parametrize("kind", list(helpers.SUM_HEADS))
 def test_sum_head_helpers_stay_on_the_device(meta, kind):
-    """Section 8: heads trained alone on frozen logits, scored per pair and with scrambled labels."""
+    """Heads trained alone on frozen logits, scored per pair and with scrambled labels."""
     logits, labels = torch.randn(64, 10, device=meta), torch.randint(0, 10, (64,), device=meta)
     scramble = torch.randperm(19, generator=torch.Generator().manual_seed(0))
     recipe = helpers.Recipe(epochs=1, batch_size=16, holdout=helpers.HOLDOUT_PAIRS)
@@ -144,56 +268,94 @@ def test_predict_reads_a_picture_with_the_model_on_the_device(meta, raw_test):
     assert helpers.read_pictures(model, raw_test[:4], [1, 2, 3, 4])[0].shape == (4, 10)
 
 
-def test_outliers_and_distortions_are_built_on_the_device(meta, train_slice):
-    outliers = helpers.outlier_batch(12, torch.Generator().manual_seed(0), train_slice.images[:50].to(meta))
-    assert outliers.device == meta and outliers.shape == (12, 1, 28, 28)
-    distortions = helpers.draw_distortions(8, torch.Generator().manual_seed(0)).to(meta)
-    assert helpers.augment(train_slice.images[:8].to(meta), distortions).device == meta
+def test_the_outlier_bank_and_the_distortions_live_on_the_device(meta, train_slice):
+    data = helpers.TrainingData(on(meta, train_slice.first(256)), helpers.Recipe(batch_size=32, outliers=4))
+    assert data.outliers.pictures.device == meta and data.outliers.pictures.shape == (32, 1, 28, 28)
+    batch = next(data.epoch())
+    assert batch.outliers.device == meta and batch.outliers.shape == (4, 1, 28, 28)
+    assert batch.images.device == meta
 
 
-# ----------------------------------------------------------------------------- each real device
+# ----------------------------------------------------------------------------- each GPU here
 
-def test_an_epoch_is_drawn_the_same_on_every_device(device, train_slice):
+@pytest.fixture(params=["cuda", "mps"])
+def gpu(request):
+    """Each GPU this machine has (the CPU's own tests are the rest of the suite)."""
+    if not _gpu_available(request.param):
+        pytest.skip(f"no {request.param} device here")
+    return torch.device(request.param)
+
+
+def _gpu_available(name):
+    if name == "cuda":
+        return torch.cuda.is_available()
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def test_an_epoch_is_drawn_the_same_on_the_gpu_as_on_the_cpu(gpu, train_slice):
     """The seed fixes the order, the numbers, the distortions and the outliers, wherever the
     split lives: they are drawn on the CPU and copied once an epoch."""
     recipe = helpers.Recipe(batch_size=32, outliers=4, holdout=helpers.HOLDOUT_PAIRS)
     split = train_slice.first(96)
-    on_cpu = list(helpers._TrainingData(split, recipe).epoch())
-    here = list(helpers._TrainingData(on(device, split), recipe).epoch())
+    on_cpu = list(helpers.TrainingData(split, recipe).epoch())
+    here = list(helpers.TrainingData(on(gpu, split), recipe).epoch())
     assert len(on_cpu) == len(here) == 3
     for a, b in zip(on_cpu, here):
-        assert b.images.device.type == device.type and b.outliers.device.type == device.type
+        assert b.images.device.type == gpu.type and b.outliers.device.type == gpu.type
         assert torch.equal(a.labels, b.labels.cpu()) and torch.equal(a.numbers, b.numbers.cpu())
         assert torch.allclose(a.images, b.images.cpu(), atol=1e-4)
         assert torch.allclose(a.outliers, b.outliers.cpu(), atol=1e-4)
 
 
-def test_training_learns_on_each_device(device, train_slice, test_split):
-    torch.manual_seed(0)
-    model = helpers.Net()
-    recipe = helpers.Recipe(epochs=2, batch_size=64, seed=0)  # "auto": bf16 or fp16 where native
-    history = helpers.train(model, on(device, train_slice.first(4000)), on(device, test_split.first(1000)),
+@pytest.mark.parametrize("name", ["fp32", "bf16", "fp16"])
+def test_training_learns_on_the_gpu_in_each_precision(gpu, name, train_slice, test_split):
+    try:
+        helpers.Precision(name, gpu)
+    except ValueError as error:
+        pytest.skip(str(error))
+    model = helpers.new_model(0, gpu)
+    recipe = helpers.Recipe(epochs=2, batch_size=64, precision=name)
+    history = helpers.train(model, on(gpu, train_slice.first(4000)), on(gpu, test_split.first(1000)),
                             recipe, progress=False, log=None)
-    assert history[-1]["precision"] == helpers.choose_precision("auto", device)
-    assert history[-1]["digit_acc"] >= 0.9, history[-1]  # the sum head's line needs longer:
-    assert history[-1]["train_loss"] < history[0]["train_loss"]  # see the test below
-    assert all(p.dtype == torch.float32 and p.device.type == device.type for p in model.parameters())
+    assert history[-1]["precision"] == name
+    assert history[-1]["digit_acc"] >= 0.9, history[-1]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert all(p.dtype == torch.float32 and p.device.type == gpu.type for p in model.parameters())
 
 
-def test_predict_takes_a_picture_and_a_model_on_each_device(device, trained, raw_test):
+@pytest.mark.parametrize("name", ["fp32", "bf16", "fp16"])
+def test_a_training_step_never_waits_for_the_gpu(name, train_slice):
+    if not torch.cuda.is_available():
+        pytest.skip("no cuda device here")
+    try:
+        precision = helpers.Precision(name, CUDA)
+    except ValueError as error:
+        pytest.skip(str(error))
+    model = helpers.new_model(0, CUDA)
+    optimizer = helpers.adam(model.parameter_groups(0.01))
+    data = helpers.TrainingData(on(CUDA, train_slice.first(640)), helpers.Recipe(batch_size=64))
+    batches = list(data.epoch())
+    helpers.train_step(model, optimizer, batches[0], precision, 0.1)  # warm-up: lazy set-up may wait
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for batch in batches[1:]:
+            helpers.train_step(model, optimizer, batch, precision, 0.1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_predict_takes_a_picture_and_a_model_on_the_gpu(gpu, trained, raw_test):
     model = copy.deepcopy(trained[0])
     expected = helpers.predict(model, raw_test[0], 4)
-    model.to(device)
-    assert helpers.predict(model, raw_test[0].to(device), 4) == expected
-    digit_probs, _ = helpers.predict_proba(model, raw_test[0].to(device), 4)
+    model.to(gpu)
+    assert helpers.predict(model, raw_test[0].to(gpu), 4) == expected
+    digit_probs, _ = helpers.predict_proba(model, raw_test[0].to(gpu), 4)
     assert digit_probs.device.type == "cpu"  # answers come back to the CPU, as documented
 
 
-def test_sum_head_trains_on_each_device(device, trained, train_slice, test_split):
-    model = trained[0]
-    logits = helpers.digit_logits_of(model, train_slice).to(device)
-    test = test_split.first(1000)
-    test_logits = helpers.digit_logits_of(model, test).to(device)
-    head = helpers.train_sum_head("adder", logits, train_slice.labels.to(device), helpers.Recipe(epochs=3))
-    accuracy = helpers.sum_accuracy(head, test_logits, test.labels.to(device), test.numbers.to(device))
-    assert accuracy >= 0.85
+def test_a_sum_head_trains_on_the_gpu(gpu, trained, train_slice, test_split):
+    model = copy.deepcopy(trained[0]).to(gpu)
+    logits = helpers.digit_logits_of(model, on(gpu, train_slice))
+    test = on(gpu, test_split.first(1000))
+    head = helpers.train_sum_head("adder", logits, train_slice.labels.to(gpu), helpers.Recipe(epochs=3))
+    assert helpers.sum_accuracy(head, helpers.digit_logits_of(model, test), test.labels, test.numbers) >= 0.85

@@ -6,6 +6,8 @@ import torch
 from PIL import Image
 
 import helpers
+import pictures
+import plots
 
 
 def test_predict_accepts_every_image_form(trained, raw_test):
@@ -71,7 +73,7 @@ def test_preparation_frames_the_digit_as_mnist_did(raw_test):
     """An MNIST digit, enlarged and inverted at the bottom left of a larger picture, comes back
     light on black, its longer side 20 px, centred by mass, and looking like the original."""
     original = raw_test[0].float() / 255
-    steps = helpers.preparation_steps(as_photo(raw_test[0], at=(60, 0)))
+    steps = pictures.preparation_steps(as_photo(raw_test[0], at=(60, 0)))
     assert set(steps) == {"picture", "ink", "kept", "cropped", "framed"}
     framed = steps["framed"]
     assert framed.shape == (28, 28) and framed[0].max() == 0 and framed.max() > 0.9  # light on black
@@ -83,7 +85,7 @@ def test_preparation_frames_the_digit_as_mnist_did(raw_test):
     likeness = torch.nn.functional.cosine_similarity(framed.flatten(), original.flatten(), dim=0)
     assert likeness > 0.85, likeness  # the same digit, not just some digit
     prepared = helpers.prepare_image(as_photo(raw_test[0]))
-    assert torch.allclose(prepared[0], helpers.normalize(helpers.preparation_steps(as_photo(raw_test[0]))["framed"]))
+    assert torch.allclose(prepared[0], helpers.normalize(pictures.preparation_steps(as_photo(raw_test[0]))["framed"]))
 
 
 PHOTO = {"paper": "ruled", "size": (700, 900), "height": 300, "at": (200, 350), "pen": 0.3,
@@ -91,7 +93,7 @@ PHOTO = {"paper": "ruled", "size": (700, 900), "height": 300, "at": (200, 350), 
 
 
 def handmade_photo(digit: torch.Tensor, **changes):
-    """A phone photo made by hand, independently of helpers.photo_digits: an MNIST digit drawn
+    """A phone photo made by hand, independently of pictures.photo_digits: an MNIST digit drawn
     as a pen stroke `height` px tall (a lower `pen` is a thicker pen) in dark blue ink at `at`
     on plain, ruled or squared paper, the light falling to `light` across the page, maybe a
     stray dot or a dark table along the left edge, saved as JPEG at `quality` (see PHOTO)."""
@@ -158,31 +160,33 @@ def test_photos_read_like_the_digits_they_show(trained, raw_mnist, case):
 
 def test_photo_set_reads_far_better_prepared_than_naive(trained):
     model, _ = trained
-    pictures, labels, papers = helpers.photo_digits(40, seed=7)
+    digits, labels = helpers.mnist_test_sample(40, seed=7)
+    photos, papers = pictures.photo_digits(digits, seed=7)
     assert {"plain", "ruled", "squared"} <= {paper.split("+")[0] for paper in papers}
-    assert all(min(p.size) >= 225 and p.mode == "RGB" for p in pictures)
+    assert all(min(p.size) >= 225 and p.mode == "RGB" for p in photos)
     numbers = helpers.draw_numbers(40, seed=8)
-    prepared, everything, naive = (helpers.tally(model, pictures, labels, numbers, prepare)["right"] / 40
-                                   for prepare in (None, helpers.crop_to_all_ink, helpers.naive_image))
+    prepared, everything, naive = (helpers.tally(model, photos, labels, numbers, framing)["right"] / 40
+                                   for framing in (pictures.frame_digit, pictures.frame_all_ink, pictures.squash))
     assert prepared >= 0.85 and prepared > everything + 0.2 and prepared > naive + 0.5
 
 
 def test_clean_digits_read_well(trained):
     model, _ = trained
-    pictures, labels = helpers.clean_digits(40, seed=7)
-    assert all(p.mode == "L" and 150 <= min(p.size) <= 400 for p in pictures)
-    assert helpers.tally(model, pictures, labels, helpers.draw_numbers(40, seed=8))["right"] >= 34
+    digits, labels = helpers.mnist_test_sample(40, seed=7)
+    drawn = pictures.clean_digits(digits, seed=7)
+    assert all(p.mode == "L" and 150 <= min(p.size) <= 400 for p in drawn)
+    assert helpers.tally(model, drawn, labels, helpers.draw_numbers(40, seed=8))["right"] >= 34
 
 
 def test_font_digits_read_well_and_far_better_than_naive(trained):
     """Printed digits, from matplotlib's fonts: 95 % read right when written, naive 10 %."""
     model, _ = trained
-    pictures, labels = helpers.font_digits(60, seed=0)
-    assert len(pictures) == 60 and labels.tolist()[:12] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
-    assert all(min(p.size) >= 64 and p.mode == "L" for p in pictures)
+    printed, labels = pictures.font_digits(60, seed=0)
+    assert len(printed) == 60 and labels.tolist()[:12] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    assert all(min(p.size) >= 64 and p.mode == "L" for p in printed)
     numbers = helpers.draw_numbers(60, seed=1)
-    prepared = helpers.tally(model, pictures, labels, numbers)["right"]
-    naive = helpers.tally(model, pictures, labels, numbers, helpers.naive_image)["right"]
+    prepared = helpers.tally(model, printed, labels, numbers)["right"]
+    naive = helpers.tally(model, printed, labels, numbers, pictures.squash)["right"]
     assert prepared >= 50 and prepared > naive + 30, (prepared, naive)
 
 
@@ -242,13 +246,13 @@ def test_predict_proba_sums_to_one_and_agrees_with_predict(trained, raw_test):
 
 def test_a_picture_with_no_digit_does_not_stop_the_others(trained, raw_test):
     model, _ = trained
-    pictures = [raw_test[0], np.full((60, 60), 250, np.uint8), raw_test[1]]
-    digit_probs, sum_probs = helpers.read_pictures(model, pictures, [1, 2, 3])
+    images = [raw_test[0], np.full((60, 60), 250, np.uint8), raw_test[1]]
+    digit_probs, sum_probs = helpers.read_pictures(model, images, [1, 2, 3])
     assert digit_probs[1].isnan().all() and sum_probs[1].isnan().all()
     assert not digit_probs[[0, 2]].isnan().any()
     assert (int(digit_probs[0].argmax()), int(sum_probs[0].argmax())) == helpers.predict(model, raw_test[0], 1)
     labels = [int(digit_probs[0].argmax()), 0, int(digit_probs[2].argmax())]  # the refused one is a 0
-    counts = helpers.tally(model, pictures, labels, [1, 2, 3])
+    counts = helpers.tally(model, images, labels, [1, 2, 3])
     assert counts["pictures"] == 3 and counts["refused"] == 1 and counts["right"] == 2
     assert counts["flagged"] >= 1 and counts["confidently_wrong"] == 0
 
@@ -273,7 +277,10 @@ def test_an_answer_is_sure_only_when_confident_and_the_heads_agree():
     rows = helpers.is_sure(torch.stack([one_hot(4, 10), one_hot(4, 10), unsure_digit]),
                            torch.stack([one_hot(11, 19), one_hot(12, 19), one_hot(11, 19)]), [7, 7, 7])
     assert rows.tolist() == [True, False, False]
-    assert 0.5 < helpers.MIN_CONFIDENCE < 1
+    line = helpers.MIN_CONFIDENCE  # the line itself is sure; a hair below it is not
+    at_line = helpers.Answer(one_hot(4, 10, value=line), one_hot(11, 19), 7)
+    below = helpers.Answer(one_hot(4, 10, value=line - 1e-4), one_hot(11, 19), 7)
+    assert at_line.sure and not below.sure and str(below).startswith("not sure: 4")
 
 
 def test_the_mistakes_grid_never_prints_false_arithmetic(monkeypatch, test_split):
@@ -286,7 +293,7 @@ def test_the_mistakes_grid_never_prints_false_arithmetic(monkeypatch, test_split
     sum_pred[1] += 1  # digit right, sum wrong
     result = helpers.Evaluation(0.0, 0.0, 1, 2, 1, 1, 3, torch.zeros(10, 10), torch.zeros(19, 19),
                                 digit_pred, sum_pred)
-    helpers.show_mistakes(test, result)
+    plots.show_mistakes(test, result)
     titles = [axis.get_title() for axis in plt.gcf().axes if axis.get_title()]
     plt.close("all")
     assert len(titles) == 2
@@ -301,13 +308,14 @@ def test_pictures_of_no_digit_are_flagged_and_digits_are_not(trained):
     """Flagged: refused by the preparation, or not sure. The small test model trained with
     outlier exposure, on 8,000 images; the full model's rates are the notebook's."""
     model, _ = trained
-    nondigits = helpers.nondigit_photos(60, seed=5)
+    nondigits = pictures.nondigit_photos(60, seed=5)
     assert len(nondigits) == 60 and all(min(p.size) >= 1 for p in nondigits)
     counts = helpers.tally(model, nondigits, [0] * 60, [0] * 60)
     assert 0 < counts["refused"] < 60  # some refused outright, some read and doubted
     assert counts["flagged"] >= 51  # 85 %
-    pictures, labels, _ = helpers.photo_digits(40, seed=5)
-    digits = helpers.tally(model, pictures, labels, helpers.draw_numbers(40, seed=0))
+    digits, labels = helpers.mnist_test_sample(40, seed=5)
+    photos, _ = pictures.photo_digits(digits, seed=5)
+    digits = helpers.tally(model, photos, labels, helpers.draw_numbers(40, seed=0))
     assert digits["flagged"] <= 6 and digits["confidently_wrong"] <= 1, digits  # 15 %; 2.5 %
 
 
@@ -373,9 +381,9 @@ def on_paper(digit: torch.Tensor, scale: int, paper, ink, margin: int = 0) -> Im
     return Image.fromarray(page.clip(0, 255).round().astype(np.uint8))
 
 
-def reads(model, pictures: dict) -> int:
+def reads(model, drawn: dict) -> int:
     """How many of {digit: picture} are read as their digit, with the sum right."""
-    return sum(helpers.predict(model, picture, 2) == (digit, digit + 2) for digit, picture in pictures.items())
+    return sum(helpers.predict(model, picture, 2) == (digit, digit + 2) for digit, picture in drawn.items())
 
 
 def test_a_tight_crop_reads_although_its_strokes_touch_the_edges(trained, raw_mnist):
@@ -383,7 +391,7 @@ def test_a_tight_crop_reads_although_its_strokes_touch_the_edges(trained, raw_mn
     strokes touch all four edges, and the paper must still go to black."""
     model, _ = trained
     crops = {digit: on_paper(image, 8, (205,) * 3, (40,) * 3) for digit, image in mnist_digits(model, raw_mnist).items()}
-    framed = helpers.preparation_steps(crops[0])["framed"]
+    framed = pictures.preparation_steps(crops[0])["framed"]
     assert float(framed[:, :3].max()) == 0 and float(framed[:, -3:].max()) == 0  # black beside the digit
     assert reads(model, crops) >= 9
 
@@ -415,11 +423,11 @@ def test_a_thin_pen_on_a_large_page_is_thickened_as_mnist_strokes(trained):
     frames about as wide as MNIST's strokes, and reads."""
     model, _ = trained
     for pen in (2, 3):
-        pictures = {digit: pen_digit(digit, pen) for digit in PEN_STROKES}
-        for picture in pictures.values():
-            framed = helpers.preparation_steps(picture)["framed"]
+        drawn = {digit: pen_digit(digit, pen) for digit in PEN_STROKES}
+        for picture in drawn.values():
+            framed = pictures.preparation_steps(picture)["framed"]
             assert framed.max() > 0.9 and (framed > 0.5).sum() >= 25  # solid strokes, not a faint line
-        assert reads(model, pictures) == len(PEN_STROKES), pen
+        assert reads(model, drawn) == len(PEN_STROKES), pen
 
 
 def test_a_thin_pen_on_a_tiny_picture_is_thickened_too(trained):
@@ -427,11 +435,11 @@ def test_a_thin_pen_on_a_tiny_picture_is_thickened_too(trained):
     2 px stroke look alike to the outline measure, so the digit is measured enlarged: prepared,
     its strokes are about twice as wide as drawn (as MNIST's are), and it reads."""
     model, _ = trained
-    pictures = {digit: pen_digit(digit, 1, canvas=(28, 28), height=20, at=(8, 4)) for digit in PEN_STROKES}
-    for picture in pictures.values():
-        drawn = int((np.asarray(picture.convert("L")) < 128).sum())
-        assert (helpers.preparation_steps(picture)["framed"] > 0.5).sum() >= 1.5 * drawn
-    assert reads(model, pictures) == len(PEN_STROKES)
+    drawn = {digit: pen_digit(digit, 1, canvas=(28, 28), height=20, at=(8, 4)) for digit in PEN_STROKES}
+    for picture in drawn.values():
+        inked = int((np.asarray(picture.convert("L")) < 128).sum())
+        assert (pictures.preparation_steps(picture)["framed"] > 0.5).sum() >= 1.5 * inked
+    assert reads(model, drawn) == len(PEN_STROKES)
 
 
 def test_tiny_and_faint_pictures_read(trained, raw_mnist):
@@ -454,8 +462,8 @@ def test_coloured_paper_and_coloured_ink_read(trained, raw_mnist):
     model, _ = trained
     digits = mnist_digits(model, raw_mnist)
     for paper, ink in (((200, 225, 110), (20, 80, 90)), ((250, 250, 250), (200, 30, 30))):
-        pictures = {digit: on_paper(image, 6, paper, ink, margin=30) for digit, image in digits.items()}
-        assert reads(model, pictures) >= 9, (paper, ink)
+        drawn = {digit: on_paper(image, 6, paper, ink, margin=30) for digit, image in digits.items()}
+        assert reads(model, drawn) >= 9, (paper, ink)
 
 
 def test_a_transparent_background_reads_as_white_paper(trained, raw_mnist):
@@ -463,12 +471,12 @@ def test_a_transparent_background_reads_as_white_paper(trained, raw_mnist):
     drawing programs save it): composited over white, the strokes show; read as RGB, the
     picture would be all black."""
     model, _ = trained
-    pictures = {}
+    drawn = {}
     for digit, image in mnist_digits(model, raw_mnist).items():
         cover = np.asarray(on_paper(image, 5, (0,) * 3, (255,) * 3, margin=20).convert("L"))
         rgba = np.zeros(cover.shape + (4,), np.uint8)
         rgba[..., 3] = cover  # ink opaque, paper transparent; the colour is black everywhere
-        pictures[digit] = Image.fromarray(rgba, "RGBA")
-    assert reads(model, pictures) >= 9
+        drawn[digit] = Image.fromarray(rgba, "RGBA")
+    assert reads(model, drawn) >= 9
     with pytest.raises(helpers.NoDigitError):
-        helpers.predict(model, pictures[3].convert("RGB"), 2)  # transparency thrown away: black
+        helpers.predict(model, drawn[3].convert("RGB"), 2)  # transparency thrown away: black

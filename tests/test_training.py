@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import helpers
+import pictures
 
 
 def distorted(images, seed, strength=1.0):
@@ -50,30 +51,34 @@ def test_max3x3_is_max_pool():
     assert torch.equal(helpers._max3x3(images), torch.nn.functional.max_pool2d(images, 3, 1, 1))
 
 
-def test_training_is_repeated_by_its_seed_alone(train_slice, test_split):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_is_repeated_by_its_seed_alone(train_slice, test_split, precision):
     """Two runs from the same weights and recipe seed, under different global random states,
-    train alike; a different recipe seed does not. Anything drawn from the global generator
-    would tell the two first runs apart."""
-    torch.manual_seed(3)
-    start = helpers.Net().state_dict()
-    losses = []
+    give the same metrics, in fp32 and in bf16 (emulated where the CPU lacks it); a different
+    recipe seed does not. Anything drawn from the global generator would tell the first two
+    apart. The weights stay fp32 whatever the precision."""
+    start = helpers.new_model(3).state_dict()
+    runs = []
     for global_seed, recipe_seed in ((10, 3), (11, 3), (10, 4)):
         model = helpers.Net()
         model.load_state_dict(start)
         torch.manual_seed(global_seed)
-        recipe = helpers.Recipe(epochs=1, batch_size=64, seed=recipe_seed, precision="fp32")
+        recipe = helpers.Recipe(epochs=1, batch_size=64, seed=recipe_seed, precision=precision)
         history = helpers.train(model, train_slice.first(320), test_split.first(200), recipe,
                                 progress=False, log=None)
-        losses.append(history[0]["train_loss"])
-    assert losses[0] == losses[1] and losses[0] != losses[2]
+        runs.append({key: value for key, value in history[0].items() if key != "train_seconds"})
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert runs[0] == runs[1] and runs[0]["train_loss"] != runs[2]["train_loss"]
+    assert runs[0]["precision"] == precision
 
 
 @pytest.mark.parametrize("seed", range(8))
 def test_outliers_are_seeded_framed_pictures_with_ink(train_slice, seed):
-    first = helpers.outlier_batch(300, torch.Generator().manual_seed(seed), train_slice.images)
-    again = helpers.outlier_batch(300, torch.Generator().manual_seed(seed), train_slice.images)
-    assert first.shape == (300, 1, 28, 28) and torch.equal(first, again)
-    intensities = helpers.denormalize(first[:, 0])
+    digits = helpers.denormalize(train_slice.images[:500, 0]).clamp(0, 1)
+    first = pictures.draw_outliers(300, torch.Generator().manual_seed(seed), digits)
+    again = pictures.draw_outliers(300, torch.Generator().manual_seed(seed), digits)
+    assert first.shape == (300, 28, 28) and torch.equal(first, again)
+    intensities = first
     assert intensities.min() >= -1e-6 and intensities.max() <= 1 + 1e-6
     strongest = intensities.flatten(1).amax(1)
     assert (strongest > 0.25).all(), strongest.min()  # none blank, whatever the seed
@@ -89,8 +94,8 @@ def test_outliers_and_pictures_share_one_framing(raw_test):
     edges are soft) comes back framed as the preparation frames it: the same box, the same
     centre, nearly the same picture."""
     digit = raw_test[0].float() / 255
-    outlier = helpers._frame_outliers(torch.nn.functional.pad(digit, (2, 2, 2, 2))[None])[0]
-    prepared = helpers.preparation_steps(raw_test[0])["framed"]
+    outlier = pictures._frame_outliers(torch.nn.functional.pad(digit, (2, 2, 2, 2))[None])[0]
+    prepared = pictures.preparation_steps(raw_test[0])["framed"]
     for framed in (outlier, prepared):
         rows, cols = (framed > 0.05).nonzero(as_tuple=True)
         assert max(rows.max() - rows.min(), cols.max() - cols.min()) + 1 in (20, 21, 22)
@@ -101,20 +106,67 @@ def test_outliers_and_pictures_share_one_framing(raw_test):
 
 def test_outliers_ride_along_without_reaching_the_sum_head(train_slice):
     recipe = helpers.Recipe(batch_size=32, outliers=4)
-    batch = next(helpers._TrainingData(train_slice.first(64), recipe).epoch())
+    batch = next(helpers.TrainingData(train_slice.first(64), recipe).epoch())
     assert batch.images.shape == (32, 1, 28, 28) and batch.outliers.shape == (4, 1, 28, 28)
-    plain = next(helpers._TrainingData(train_slice.first(64), helpers.Recipe(batch_size=32, outliers=0)).epoch())
+    plain = next(helpers.TrainingData(train_slice.first(64), helpers.Recipe(batch_size=32, outliers=0)).epoch())
     assert plain.outliers is None and torch.equal(plain.labels, batch.labels)  # same order
     assert float(helpers.outlier_loss(torch.zeros(3, 10))) == pytest.approx(np.log(10))  # no preference
     assert float(helpers.outlier_loss(torch.eye(3, 10) * 10)) > 5
-    torch.manual_seed(0)
-    model = helpers.Net()
-    optimizer = torch.optim.Adam(model.parameter_groups(0.01))
+    model = helpers.new_model(0)
+    optimizer = helpers.adam(model.parameter_groups(0.01))
     seen = []
     hook = model.sum_head.register_forward_hook(lambda m, inputs, out: seen.append(len(inputs[0])))
-    helpers.train_step(model, optimizer, batch, "fp32", outlier_weight=0.25)
+    helpers.train_step(model, optimizer, batch, helpers.Precision("fp32", "cpu"), outlier_weight=0.25)
     hook.remove()
     assert seen and set(seen) == {32}
+
+
+def test_each_epoch_draws_its_outliers_from_one_bank_made_before_the_first(train_slice):
+    """The bank holds as many pictures as one epoch draws (at most 4,096); each epoch draws
+    them afresh, turned or flipped by one of the square's 8 symmetries."""
+    data = helpers.TrainingData(train_slice.first(320), helpers.Recipe(batch_size=32, outliers=8))
+    bank = data.outliers.pictures
+    assert bank.shape == (80, 1, 28, 28)
+    symmetries = torch.stack([moved for flipped in (bank, bank.flip(-1)) for upright in (flipped, flipped.flip(-2))
+                              for moved in (upright, upright.transpose(-1, -2))])  # [8, 80, 1, 28, 28]
+    epochs = [torch.cat([batch.outliers for batch in data.epoch()]) for _ in range(2)]
+    for drawn in epochs:
+        assert drawn.shape == (80, 1, 28, 28)
+        found = (drawn[None, None] == symmetries[:, :, None]).flatten(3).all(3)  # [8, 80 bank, 80 drawn]
+        assert found.any(1).any(0).all()  # every outlier drawn is a bank picture, maybe moved
+        assert found.any(1).sum(1).gt(0).sum() >= 4  # and the moves vary
+    assert not torch.equal(epochs[0], epochs[1])
+
+
+def test_no_picture_work_grows_with_the_epochs(train_slice, test_split, monkeypatch):
+    """OpenCV frames the outliers; with a bank, training calls it as often for 3 epochs as for 1."""
+    calls = []
+    framing = pictures._frame_outliers
+    monkeypatch.setattr(pictures, "_frame_outliers", lambda ink: calls.append(len(ink)) or framing(ink))
+    for epochs in (1, 3):
+        recipe = helpers.Recipe(epochs=epochs, batch_size=64, outliers=4, precision="fp32")
+        helpers.train(helpers.new_model(0), train_slice.first(256), test_split.first(100), recipe,
+                      progress=False, log=None)
+    assert len(calls) == 2 and calls[0] == calls[1]
+
+
+def test_training_stops_between_two_steps_when_asked(train_slice, test_split):
+    """`stop_requested` is asked after every step: training returns the epochs it finished."""
+    split, test = train_slice.first(256), test_split.first(100)
+    recipe = helpers.Recipe(epochs=3, batch_size=64, outliers=0, precision="fp32")
+    steps = []
+
+    def after(count):
+        return lambda: steps.append(1) or len(steps) >= count
+
+    model = helpers.new_model(0)
+    before = [p.detach().clone() for p in model.parameters()]
+    assert helpers.train(model, split, test, recipe, progress=False, log=None, stop_requested=after(2)) == []
+    assert len(steps) == 2 and any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    steps.clear()
+    history = helpers.train(helpers.new_model(0), split, test, recipe, progress=False, log=None,
+                            stop_requested=after(6))  # 4 steps an epoch: stops in the second
+    assert [record["epoch"] for record in history] == [1] and len(steps) == 6
 
 
 def test_short_training_learns_both_heads(trained):
@@ -131,27 +183,23 @@ def test_short_training_learns_both_heads(trained):
     assert steps[-25:].mean(0).lt(torch.tensor(history[0]["step_losses"][:25]).mean(0)).all()
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_same_seed_same_metrics(train_slice, test_split, precision):
-    runs = []
-    for _ in range(2):
-        torch.manual_seed(7)
-        model = helpers.Net()
-        recipe = helpers.Recipe(epochs=1, batch_size=64, seed=7, precision=precision)
-        history = helpers.train(model, train_slice.first(640), test_split.first(300), recipe,
-                                progress=False, log=None)
-        runs.append({k: v for k, v in history[0].items() if k != "train_seconds"})
-        assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay fp32
-    assert runs[0] == runs[1] and runs[0]["precision"] == precision
-
-
-@pytest.mark.parametrize("setting", [{"epochs": 0}, {"batch_size": 0}, {"lr": 0.0},
-                                     {"lr": float("nan")}, {"lr": float("inf")}, {"augment": -1.0},
-                                     {"outliers": -1}, {"outlier_weight": float("nan")},
-                                     {"epochs": 2.5}, {"batch_size": True}, {"outliers": 2.5}])
-def test_recipe_rejects_bad_settings(setting):
-    with pytest.raises(ValueError, match="at least 1|whole numbers"):
+@pytest.mark.parametrize("setting, message", [
+    ({"epochs": 0}, "epochs must be at least 1, got 0"),
+    ({"batch_size": 0}, "batch_size must be at least 1, got 0"),
+    ({"outliers": -1}, "outliers must be at least 0, got -1"),
+    ({"lr": 0.0}, "lr must be above 0 and finite, got 0.0"),
+    ({"lr": float("nan")}, "lr must be above 0 and finite, got nan"),
+    ({"lr": float("inf")}, "lr must be above 0 and finite, got inf"),
+    ({"augment": -1.0}, "augment must be at least 0 and finite, got -1.0"),
+    ({"outlier_weight": float("nan")}, "outlier_weight must be at least 0 and finite, got nan"),
+    ({"epochs": 2.5}, "epochs must be a whole number, got 2.5"),
+    ({"batch_size": True}, "batch_size must be a whole number, got True"),
+    ({"outliers": 2.5}, "outliers must be a whole number, got 2.5"),
+], ids=lambda value: str(value) if isinstance(value, dict) else "")
+def test_recipe_names_the_setting_it_rejects(setting, message):
+    with pytest.raises(ValueError) as error:
         helpers.Recipe(**setting)
+    assert str(error.value) == message
 
 
 def test_train_rejects_a_test_split_without_numbers_before_training(train_slice):
