@@ -142,9 +142,11 @@ _INK_SHARE = 0.5  # strokes are the pixels above half the strongest ink; ruled l
 #                  left of uneven light, and JPEG noise stay below
 _MIN_TOGETHER = 0.15  # strokes: next to a stroke pixel is another this much more often than chance
 _MAX_INK_SHARE = 0.6  # a picture that is mostly ink has no digit on it
-_EDGE_SPAN = 0.5  # a piece touching the picture's edge and spanning half of it is the table
-#                  beyond the sheet or a line across the page, not the digit ...
-_EDGE_CONTACT = 0.5  # ... and so is a piece touching the edge along half its own size
+_EDGE_SPAN = 0.5  # the page's structure (`_is_structure`) touches a side of the picture along half
+#                  its length (a band), or spans half the picture (a line) ...
+_BAND_DEPTH = 0.2  # ... a band keeps _BAND_SHARE of its ink within this share of the shorter side
+_BAND_SHARE = 0.9  # of the edge (a table beyond the sheet: 4 to 15 % in the made-up photos)
+_LINE_THINNESS = 0.10  # ... and a line is at most this thick for its length (a ruled line: 1 %)
 _PIECE_SHARE = 0.15  # another piece of the digit has at least 15 % of its largest piece's ink
 _PIECE_GAP = 0.5  # ... and lies within half the digit's size of it (a broken stroke, a 5's bar)
 _MAX_HALF_WIDTH = 0.35  # a stroke's half width is at most 35 % of the digit's size: not a blob
@@ -152,13 +154,6 @@ _MAX_APART = 1  # at most one sizable piece lies apart from the digit (a stray m
 _MIN_DIGIT_SHARE = 0.7  # the digit's pieces hold at least 70 % of the strong ink: a stray mark or a
 #                        table's corner beside a digit holds far less (photo-like digits with them:
 #                        at least 80 % in 99.5 % of them); more ink elsewhere is clutter, no digit
-_EDGE_ONLY_SIZE = 0.6  # ink found only at the edge must span 60 % of the picture's height or width,
-#                        and both if it lies along the edge (_EDGE_CONTACT): a tight crop's digit
-#                        does, the shading along a blank page's border does not
-_SPECK_SIZE = 0.05  # a piece spanning under 5 % of the picture's shorter side is a speck, not a digit
-#                    (the smallest digit the preparation is made for, 80 px in a 1200 px photo, spans
-#                    7 %); with only specks away from the edge, the ink along it is the digit of a
-#                    tight crop, not the table
 _STRONG_INK = 90  # this percentile of the digit's ink becomes 1, as MNIST's strokes saturate
 _STROKE_WIDTH = 2.0  # px in the 28 x 28 frame: MNIST's median stroke width (1.9 px, at half the
 #                     ink's strength, on 2,000 training digits enlarged 4 times to measure it)
@@ -188,13 +183,13 @@ def preparation_steps(image) -> dict[str, torch.Tensor]:
     4. a blank or faint page raises NoDigitError("no ink found");
     5. threshold at half the strongest ink; if those pixels do not form strokes (noise, or a
        page mostly ink), raise NoDigitError("no digit found");
-    6. keep the digit: the largest connected piece that is not along the picture's edge
-       (pieces along it are the table beyond the sheet or a line across the page, unless
-       only specks lie inside: then they are the digit of a tight crop; if they held the
-       strongest ink, threshold again without them), grown by the pieces near it that are
-       not tiny (a broken stroke, a 5's bar); specks and stray marks go;
-    7. a blob, several digit-sized shapes apart, only lines along the edge, or a digit that
-       holds under _MIN_DIGIT_SHARE of the strong ink raise NoDigitError("no digit found");
+    6. keep the digit: drop the page's structure, bands along the picture's edge (the table
+       beyond the sheet) and lines across it (if they held the strongest ink, threshold again
+       without them); the digit is the largest piece left, wherever it lies, even touching the
+       edge, grown by the pieces near it that are not tiny (a broken stroke, a 5's bar); specks
+       and stray marks go;
+    7. nothing but structure, a blob, several digit-sized shapes apart, or a digit that holds
+       under _MIN_DIGIT_SHARE of the strong ink raise NoDigitError("no digit found");
     8. stretch: the paper to 0, the digit's strong ink to 1;
     9. thicken strokes that would frame much thinner than MNIST's (a thin pen on a big
        picture), thin those much wider (a marker on a small digit);
@@ -213,11 +208,11 @@ def preparation_steps(image) -> dict[str, torch.Tensor]:
 
 
 def _found_digit(ink: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """Steps 4 to 7 on the ink: (the ink, less what step 6 drops; the digit's mask; the noise
+    """Steps 4 to 7 on the ink: (the ink without the page's structure; the digit's mask; the noise
     floor), or NoDigitError."""
     floor, peak = _ink_levels(ink)  # step 4
     strong = _strokes(ink, floor, peak)  # step 5
-    ink, pieces = _without_edge_pieces(ink, strong, floor)  # step 6
+    ink, pieces = _without_structure(ink, strong, floor)  # step 6
     return ink, _digit(pieces), floor  # steps 6 and 7
 
 
@@ -236,13 +231,16 @@ def _border(picture: np.ndarray) -> np.ndarray:
 
 
 def _ink_on_flat_paper(gray: np.ndarray) -> np.ndarray:
-    """Steps 2 and 3: ink bright on dark paper, the paper's uneven light divided out. The ink is
-    the extreme farthest from the picture's typical level, by the levels that _INK_PIXELS
-    pixels reach on either side: a thin pen line on a large page may be far fewer than 1 %."""
-    paper = np.median(gray)
+    """Steps 2 and 3: ink bright on dark paper, the paper's uneven light divided out. The paper
+    is the typical level of the picture's border, which is mostly paper even where the digit
+    touches it (in a tight crop of a thick digit, ink can cover most of the picture), and the ink
+    the extreme farthest from it, by the levels that _INK_PIXELS pixels reach on either side: a
+    thin pen line on a large page may be far fewer than 1 %."""
+    paper = np.median(_border(gray))
     low, high = np.partition(gray, (_INK_PIXELS - 1, gray.size - _INK_PIXELS), axis=None)[
         [_INK_PIXELS - 1, gray.size - _INK_PIXELS]]  # the levels _INK_PIXELS pixels reach
-    ink = 1 - gray if paper - low > high - paper else gray.copy()
+    dark_ink = paper - low > high - paper
+    ink = 1 - gray if dark_ink else gray.copy()
     border = _border(ink)
     if np.quantile(border, 0.9) - np.quantile(border, 0.1) <= _UNEVEN_BORDER:
         return ink
@@ -296,55 +294,96 @@ def _strokes(ink: np.ndarray, floor: float, peak: float) -> np.ndarray:
 
 @dataclass
 class _Pieces:
-    """The connected pieces of a mask: `labels` [H, W] (0 is background, piece i is i + 1),
-    and per piece its box (`x`, `y`, `w`, `h`), its `area`, `edge`: whether it lies along
-    the picture's edge (touching it along half its own size, or touching it and spanning half
-    the picture), `inner`: away from the edge and larger than a speck (_SPECK_SIZE), and
-    `along`: touching the edge along half its own size."""
+    """The connected pieces of a mask: `labels` [H, W] (0 is background, piece i is i + 1), and
+    per piece its box (`x`, `y`, `w`, `h`), its `area`, and `structure`: whether it is the
+    page's, not a digit's (`_is_structure`)."""
     labels: np.ndarray
     x: np.ndarray
     y: np.ndarray
     w: np.ndarray
     h: np.ndarray
     area: np.ndarray
-    edge: np.ndarray
-    inner: np.ndarray
-    along: np.ndarray
+    structure: np.ndarray
 
     @classmethod
     def of(cls, strong: np.ndarray) -> "_Pieces":
         count, labels, stats, _ = cv2.connectedComponentsWithStats(strong.astype(np.uint8),
                                                                    connectivity=8)
         x, y, w, h, area = stats[1:].T
-        contact = np.bincount(_border(labels), minlength=count)[1:]
-        height, width = strong.shape
-        along = contact >= _EDGE_CONTACT * np.maximum(w, h)
-        edge = (contact > 0) & ((w >= _EDGE_SPAN * width) | (h >= _EDGE_SPAN * height) | along)
-        inner = ~edge & (np.maximum(w, h) >= _SPECK_SIZE * min(height, width))
-        return cls(labels, x, y, w, h, area, edge, inner, along)
+        return cls(labels, x, y, w, h, area, _is_structure(labels, count, x, y, w, h, area))
 
 
-def _without_edge_pieces(ink: np.ndarray, strong: np.ndarray, floor: float):
-    """Step 6, first half: (ink, pieces) with the pieces along the edge and their soft rims
-    zeroed and the threshold taken again, if there are both edge pieces and inner ones (with
-    only specks inside, the edge pieces are the digit of a tight crop)."""
+def _is_structure(labels: np.ndarray, count: int, x, y, w, h, area) -> np.ndarray:
+    """Per piece, whether it belongs to the page rather than to a digit: a *band* along the
+    picture's edge (the table beyond the sheet, the sheet's own edge, a shadow, often broken into
+    pieces), or a *line* across the picture (a ruled line, a fold).
+
+    A band's pieces hug one side: each touches it along half its own length there, keeps
+    _BAND_SHARE of its ink within _BAND_DEPTH of that side or of a side next to it, and together
+    they run along _EDGE_SPAN of the side. A line touches the edge, spans _EDGE_SPAN of the
+    picture and is under _LINE_THINNESS as thick. A digit touching the edge is neither: its
+    contact is short, or its strokes reach far from the edge, or ring it (a 0 cropped tight).
+    """
+    height, width = labels.shape
+    depth = max(1, round(_BAND_DEPTH * min(height, width)))
+    rows, cols = np.arange(height)[:, None], np.arange(width)[None, :]
+    near = {"top": rows < depth, "bottom": rows >= height - depth, "left": cols < depth,
+            "right": cols >= width - depth}
+    sides = {"top": (labels[0], w, ("left", "right")), "bottom": (labels[-1], w, ("left", "right")),
+             "left": (labels[:, 0], h, ("top", "bottom")), "right": (labels[:, -1], h, ("top", "bottom"))}
+
+    def share_near(zone):
+        return np.bincount(labels[zone], minlength=count)[1:] / np.maximum(area, 1)
+
+    band, hugging = np.zeros(count - 1, bool), np.zeros(count - 1, bool)
+    for name, (side, extent, neighbours) in sides.items():
+        contact = np.bincount(side, minlength=count)[1:]
+        shallow = np.maximum(*(share_near(near[name] | near[other]) for other in neighbours))
+        along = (contact >= 0.5 * extent) & (shallow >= _BAND_SHARE)
+        hugging |= along
+        if contact[along].sum() >= _EDGE_SPAN * len(side):
+            band |= along
+    touching = np.bincount(_border(labels), minlength=count)[1:] > 0
+    long = np.maximum(w / width, h / height) >= _EDGE_SPAN
+    line = touching & long & (np.minimum(w, h) <= _LINE_THINNESS * np.maximum(w, h))
+    return band | line | _apart_hugging(hugging & ~band & ~line, ~(band | line | hugging), x, y, w, h, area)
+
+
+def _apart_hugging(hugging, clear, x, y, w, h, area) -> np.ndarray:
+    """Which short pieces hugging the edge (a shadow's rim, a sliver of the table) are structure
+    too: those apart from a sizable piece that stands clear of the edge (beyond _PIECE_GAP of
+    its size). Near it, a hugging piece is part of the digit; alone, it may be a 1 at the edge."""
+    if not hugging.any() or not clear.any():
+        return np.zeros_like(hugging)
+    main = np.flatnonzero(clear)[area[clear].argmax()]
+    if area[main] < _PIECE_SHARE * area[hugging].max():
+        return np.zeros_like(hugging)
+    gap = np.maximum.reduce([x[main] - (x + w), x - (x[main] + w[main]), y[main] - (y + h),
+                             y - (y[main] + h[main]), 0 * x])
+    return hugging & (gap > _PIECE_GAP * max(w[main], h[main]))
+
+
+def _without_structure(ink: np.ndarray, strong: np.ndarray, floor: float):
+    """Step 6, first half: (ink, pieces) with the page's structure (`_is_structure`) and its soft
+    rims zeroed and the threshold taken again, if there is both structure and something else:
+    a table darker than the ink would otherwise have set the threshold."""
     pieces = _Pieces.of(strong)
-    if not pieces.edge.any() or not pieces.inner.any():
+    if not pieces.structure.any() or pieces.structure.all():
         return ink, pieces
-    along_edge = np.isin(pieces.labels, np.flatnonzero(pieces.edge) + 1).astype(np.uint8)
+    structure = np.isin(pieces.labels, np.flatnonzero(pieces.structure) + 1).astype(np.uint8)
     ink = ink.copy()
-    ink[cv2.dilate(along_edge, np.ones((5, 5), np.uint8)) > 0] = 0
+    ink[cv2.dilate(structure, np.ones((5, 5), np.uint8)) > 0] = 0
     return ink, _Pieces.of(ink > max(floor, _INK_SHARE * _strongest(ink)))
 
 
 def _digit(pieces: _Pieces) -> np.ndarray:
-    """Steps 6 and 7: the mask of the digit's pieces, grown from the largest piece not along
-    the edge by the sizable pieces near it, until no more join; or ValueError for a blob,
-    clutter, or ink only along the edge."""
+    """Steps 6 and 7: the mask of the digit's pieces, grown from the largest piece that is not
+    the page's structure by the sizable pieces near it, until no more join; or NoDigitError
+    when there is nothing but structure, or clutter."""
     x, y, w, h, area = pieces.x, pieces.y, pieces.w, pieces.h, pieces.area
-    if len(area) == 0:  # what was left beside the lines along the edge went with them
-        raise NoDigitError("no digit found: only lines along the picture's edge")
-    candidates = np.flatnonzero(pieces.inner) if pieces.inner.any() else np.arange(len(area))
+    candidates = np.flatnonzero(~pieces.structure)
+    if len(candidates) == 0:  # what was left beside the lines went with them
+        raise NoDigitError("no digit found: only lines along the picture's edge or across it")
     main = candidates[area[candidates].argmax()]
     sizable = candidates[area[candidates] >= _PIECE_SHARE * area[main]]
     chosen, (left, top, right, bottom) = [main], (x[main], y[main], x[main] + w[main], y[main] + h[main])
@@ -359,23 +398,20 @@ def _digit(pieces: _Pieces) -> np.ndarray:
         right, bottom = max(right, *(x + w)[near]), max(bottom, *(y + h)[near])
     kept = np.isin(pieces.labels, np.array(chosen) + 1)
     _check_digit(pieces, main, max(right - left, bottom - top), len(sizable) - len(chosen))
-    if kept.sum() < _MIN_DIGIT_SHARE * (pieces.labels > 0).sum():
+    if area[chosen].sum() < _MIN_DIGIT_SHARE * area[candidates].sum():
         raise NoDigitError(f"no digit found: the digit's pieces hold less than {_MIN_DIGIT_SHARE:.0%} "
-                         f"of the ink (clutter, or several shapes): crop closer")
+                           f"of the ink (clutter, or several shapes): crop closer")
     return kept
 
 
 def _check_digit(pieces: _Pieces, main: int, size: int, apart: int):
     """Step 7: the digit's largest piece must be strokes (not a blob), with at most _MAX_APART
-    sizable pieces elsewhere, and not only a line along the edge."""
+    sizable pieces elsewhere."""
     x, y, w, h = pieces.x[main], pieces.y[main], pieces.w[main], pieces.h[main]
     piece = np.pad(pieces.labels[y:y + h, x:x + w] == main + 1, 1).astype(np.uint8)
     half_width = cv2.distanceTransform(piece, cv2.DIST_L2, 3).max()
-    spans = np.array([w / pieces.labels.shape[1], h / pieces.labels.shape[0]]) >= _EDGE_ONLY_SIZE
-    along_edge = pieces.edge[main] and not (spans.all() if pieces.along[main] else spans.any())
-    if half_width > _MAX_HALF_WIDTH * size or apart > _MAX_APART or along_edge:
-        raise NoDigitError("no digit found: the ink forms a blob, several shapes, or only lines "
-                         "along the picture's edge")
+    if half_width > _MAX_HALF_WIDTH * size or apart > _MAX_APART:
+        raise NoDigitError("no digit found: the ink forms a blob or several shapes")
 
 
 def _stretched(ink: np.ndarray, kept: np.ndarray, floor: float) -> np.ndarray:
