@@ -1751,7 +1751,7 @@ def _score_command(args):
     if args.json:
         print(json.dumps({"all": result["all"], "groups": result["groups"]}))
         return 0
-    for line in _score_report(result, args.worst):
+    for line in score_report(result, args.worst):
         print(line)
     return 0
 
@@ -1766,7 +1766,7 @@ def _mistake_rank(mistake) -> tuple:
     return (3 if right else 0 if answer.sure else 1, -float(answer.digit_probs.max()))
 
 
-def _score_report(result: dict, worst: int) -> list[str]:
+def score_report(result: dict, worst: int) -> list[str]:
     """`score_folder`'s counts as a table (a row per group when there are several), the files
     skipped, and the `worst` mistakes."""
     rows = {**(result["groups"] if len(result["groups"]) > 1 else {}), "all": result["all"]}
