@@ -258,16 +258,6 @@ def _subscript(value: int) -> str:
     return str(value).translate(str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉"))
 
 
-def plot_sum_answer(sum_probs: torch.Tensor, title: str):
-    """A sum head's answer [19] as bars, each labelled with its probability where it shows."""
-    figure, axis = plt.subplots(figsize=(10, 2.8))
-    bars = axis.bar(range(h.NUM_SUMS), sum_probs.detach().cpu())
-    axis.bar_label(bars, [f"{p:.2f}" if p >= 0.005 else "" for p in sum_probs.tolist()], fontsize=9)
-    axis.set_xticks(range(h.NUM_SUMS))
-    axis.set(xlabel="sum", ylabel="probability", ylim=(0, 1.1), title=title)
-    _finish(figure)
-
-
 def plot_holdout_sweep(sweep: dict[str, dict[int, dict]], evidence: dict[int, dict]):
     """Against how many of the 100 pairs were held out of training: each head's sum accuracy
     (`held_out_accuracy`) on the held-out pairs and on the seen ones; how many independent
