@@ -182,13 +182,14 @@ def plot_confusions(result: h.Evaluation):
 
 def show_mistakes(split: h.Split, result: h.Evaluation, count=16, columns=8):
     """Test pairs where either head is wrong: the truth, then the model's answer, coloured by
-    what is wrong (the title counts each kind). Heads that disagree read "said 6, sum 10",
-    never as false arithmetic."""
+    what is wrong (the title counts each kind). The rare pairs where only one head is wrong come
+    first, so that every kind shows. Heads that disagree read "said 6, sum 10", never as false
+    arithmetic."""
     digit_wrong, sum_wrong = result.digit_pred != split.labels.cpu(), result.sum_pred != split.sums.cpu()
     kinds = {"red": ("digit and sum wrong", digit_wrong & sum_wrong),
              "orange": ("digit wrong, sum right", digit_wrong & ~sum_wrong),
              "purple": ("digit right, sum wrong", ~digit_wrong & sum_wrong)}
-    index = (digit_wrong | sum_wrong).nonzero().flatten()[:count]
+    index = torch.cat([wrong.nonzero().flatten() for _, wrong in reversed(kinds.values())])[:count]
     figure, axes = _grid(len(index), columns, size=1.7, title_lines=2)
     for axis, i in zip(axes, index.tolist()):
         number = int(split.numbers[i])
@@ -197,7 +198,7 @@ def show_mistakes(split: h.Split, result: h.Evaluation, count=16, columns=8):
         said = f"said {digit}+{number}={total}" if digit + number == total else f"said {digit}, sum {total}"
         _show(axis, split.images[i], f"true {int(split.labels[i])}+{number}={int(split.sums[i])}\n{said}",
               color=f"tab:{colour}")
-    figure.suptitle(f"The first {len(index)} of {int((digit_wrong | sum_wrong).sum())} test pairs answered wrong. "
+    figure.suptitle(f"{len(index)} of the {int((digit_wrong | sum_wrong).sum())} test pairs answered wrong. "
                     + "; ".join(f"{colour}: {kind}, {int(wrong.sum())}" for colour, (kind, wrong) in kinds.items()))
     _finish(figure)
 

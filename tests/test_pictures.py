@@ -284,24 +284,27 @@ def test_an_answer_is_sure_only_when_confident_and_the_heads_agree():
 
 
 def test_the_mistakes_grid_never_prints_false_arithmetic(monkeypatch, test_split):
-    """A pair whose heads disagree reads "said 6, sum 10", not "said 6+2=10"."""
+    """A pair whose heads disagree reads "said 6, sum 10", not "said 6+2=10"; those rare pairs
+    come before the pairs where both heads are wrong, so that every kind shows."""
     import matplotlib.pyplot as plt
     monkeypatch.setattr(plt, "show", lambda: None)
     test = test_split.first(3)
     digit_pred, sum_pred = test.labels.clone(), test.sums.clone()
     digit_pred[0] = (digit_pred[0] + 1) % 10  # digit wrong, sum right: the heads disagree
     sum_pred[1] += 1  # digit right, sum wrong
+    digit_pred[2], sum_pred[2] = (digit_pred[2] + 1) % 10, sum_pred[2] + 1  # both wrong: shown last
     result = helpers.Evaluation(0.0, 0.0, 1, 2, 1, 1, 3, torch.zeros(10, 10), torch.zeros(19, 19),
                                 digit_pred, sum_pred)
     plots.show_mistakes(test, result)
     titles = [axis.get_title() for axis in plt.gcf().axes if axis.get_title()]
     plt.close("all")
-    assert len(titles) == 2
-    for title, i in zip(titles, (0, 1)):
+    assert len(titles) == 3
+    for title, i in zip(titles[:2], (1, 0)):  # digit right and sum wrong, then the other way round
         said = title.splitlines()[1]
         number = int(test.numbers[i])
         assert said == f"said {int(digit_pred[i])}, sum {int(sum_pred[i])}", said
         assert f"+{number}=" not in said
+    assert titles[2].splitlines()[0] == f"true {int(test.labels[2])}+{int(test.numbers[2])}={int(test.sums[2])}"
 
 
 def test_pictures_of_no_digit_are_flagged_and_digits_are_not(trained):
