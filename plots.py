@@ -169,11 +169,11 @@ def plot_confusions(result: h.Evaluation):
         small = len(matrix) > h.NUM_DIGITS
         for (true, said), count in np.ndenumerate(matrix.numpy()):
             if count:
-                axis.text(said, true, str(count), ha="center", va="center", fontsize=7 if small else 9,
+                axis.text(said, true, str(count), ha="center", va="center", fontsize=8 if small else 9,
                           color="black" if count > 30 else "white")
         axis.set_xticks(range(len(matrix)))
         axis.set_yticks(range(len(matrix)))
-        axis.tick_params(labelsize=8 if small else 10)
+        axis.tick_params(labelsize=9 if small else 10)
         axis.set(xlabel=f"predicted {name}", ylabel=f"true {name}",
                  title=f"{name.capitalize()}: {int(matrix.sum() - matrix.trace())} errors")
     figure.colorbar(image, ax=list(axes), shrink=0.6, label="test pairs (log scale)")
@@ -293,8 +293,8 @@ def show_preparation(model: h.Net, picture, number: int) -> h.Answer:
     steps = pictures.preparation_steps(picture)
     answer = h.Answer(*h.predict_proba(model, picture, number), number)
     titles = {"picture": f"picture, {steps['picture'].shape[1]} x {steps['picture'].shape[0]} px",
-              "ink": "ink found (inverted)", "kept": "kept: read as the digit",
-              "cropped": "cropped to their box",
+              "ink": "ink found (inverted)", "kept": "kept: the digit's pieces",
+              "cropped": "cropped to their box, all ink",
               "framed": f"framed 28 x 28:\n{answer.title} (digit {100 * float(answer.digit_probs.max()):.0f} %)"}
     figure, axes = _grid(len(steps), len(steps), size=2.6, title_lines=1)
     for axis, (name, image) in zip(axes, steps.items()):
