@@ -1,8 +1,10 @@
 """Training speed, measured side by side in one run: the reference's data pipeline against ours,
-the reference recipe against ours, and our time to 99 % on both heads.
+the reference recipe against ours, and our time to 99 % on both heads; and how many operators
+one training step dispatches.
 
     python benchmark.py                         # on the best device here, at the auto precision
     python benchmark.py --device cuda --precision fp16 --json
+    python benchmark.py --operators             # aten operators per training step, per precision
 
 Speed drifts between runs (by up to a third on shared CPUs), so each feed is timed in turns
 with the others and the median is reported; compare figures from one run only.
@@ -20,6 +22,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import helpers as h
+import pictures
+from cli import positive
 
 # The reference recipe, as the original write-up trained it.
 _REFERENCE_BATCH_SIZE = 32
@@ -46,25 +50,41 @@ def _reference_batches(mnist: Dataset, device, seed: int = 0):
             yield h.Batch(images.to(device), labels.to(device), one_hot.argmax(1).to(device))
 
 
+def _outliers(split: h.Split, recipe: h.Recipe) -> torch.Tensor | None:
+    """The pictures of no digit `train` takes, made as the command line makes them."""
+    if not recipe.outliers:
+        return None
+    return pictures.draw_outliers(min(pictures.OUTLIER_BANK, len(split)), recipe.seed, h.denormalize(split.images))
+
+
 def _in_memory_batches(split: h.Split, recipe: h.Recipe):
     """Endless batches, exactly as `train` takes them."""
-    data = h.TrainingData(split, recipe)
+    data = h.TrainingData(split, recipe, _outliers(split, recipe))
     while True:
         yield from data.epoch()
 
 
-def _images_per_second(model: h.Net, optimizer, batches, steps: int, precision: h.Precision,
-                      outlier_weight: float = 0.0):
+class _ReferenceSGD:
+    """The reference's optimizer, SGD with momentum and no schedule, as `h.train_step` takes one."""
+
+    def __init__(self, model: h.Net, precision: h.Precision):
+        self.sgd, self.precision = torch.optim.SGD(model.parameters(), **_REFERENCE_SGD), precision
+
+    def step(self, loss: torch.Tensor):
+        self.precision.backward_and_step(loss, self.sgd)
+
+
+def _images_per_second(model: h.Net, optimizer, batches, steps: int, outlier_weight: float = 0.0):
     """Training throughput over `steps` steps after 3 warm-up steps: (images/s, warm-up seconds).
     Outliers ride along but are not counted as images."""
-    device = precision.device
+    device = optimizer.precision.device
     timings = []
     for count in (3, steps):  # warm-up first: allocations, kernel selection
         h.synchronize(device)
         started, images = time.perf_counter(), 0
         for _ in range(count):
             batch = next(batches)
-            h.train_step(model, optimizer, batch, precision, outlier_weight)
+            h.train_step(model, optimizer, batch, outlier_weight)
             images += len(batch.labels)
         h.synchronize(device)
         timings.append((images, time.perf_counter() - started))
@@ -93,27 +113,30 @@ _PIPELINE_ROUNDS = 3  # each feed is timed this many times, in turns; the median
 def _pipeline_rates(mnist: Dataset, train_split: h.Split, recipe: h.Recipe, steps: int, log) -> dict:
     """Images/s of our h.Net and Adam fed several ways, each from the same seeded start: the
     reference's per-sample Dataset and DataLoader (batch 32, fp32); our in-memory batches,
-    plain, in fp32 and in half precision (bf16 on the CPU, the recipe's on a GPU); and the
-    whole `recipe` (augmentation and
-    outliers, whose drawing is timed too) at its precision. Each rate is the median of
-    _PIPELINE_ROUNDS runs taken in turns. Also `warm_up_seconds`: the very first 3 steps (one-time
-    set-up)."""
+    plain, in fp32 and in each 16-bit precision the device offers (bf16 alone on the CPU); and
+    the whole `recipe` (augmentation and outliers, whose drawing is timed too) at its precision.
+    Each rate is the median of _PIPELINE_ROUNDS runs taken in turns. Also `warm_up_seconds`: the
+    very first 3 steps (one-time set-up)."""
     device = train_split.images.device
     ours = max(1, steps * _REFERENCE_BATCH_SIZE // recipe.batch_size)
     # Epochs of `ours` steps, so that the timed steps include one epoch's drawing of outliers.
     subset, plain = train_split.first(ours * recipe.batch_size), replace(recipe, augment=0.0, outliers=0)
     feeds = [("reference pipeline", "fp32", _reference_batches(mnist, device, recipe.seed), steps, 0.0)]
-    for feed_precision in dict.fromkeys(("fp32", "bf16" if device.type == "cpu" else recipe.precision)):
+    halves = h.half_precisions(device)[:1 if device.type == "cpu" else None]  # the CPU's fp16: too slow to time
+    for feed_precision in dict.fromkeys(("fp32", *halves)):
         feeds.append((f"ours {feed_precision}", feed_precision, _in_memory_batches(subset, plain), ours, 0.0))
     feeds.append((f"ours {recipe.precision}, whole recipe", recipe.precision,
                   _in_memory_batches(subset, recipe), ours, recipe.outlier_weight))
-    runs = [(name, h.Precision(feed_precision, device), _seeded_net(device, recipe.seed), batches, count,
-             outlier_weight) for name, feed_precision, batches, count, outlier_weight in feeds]
-    optimizers = [h.adam(model.parameter_groups(recipe.lr)) for _, _, model, *_ in runs]
+    runs = []
+    for name, feed_precision, batches, count, outlier_weight in feeds:
+        model = _seeded_net(device, recipe.seed)
+        optimizer = h.Optimizer(model.parameter_groups(recipe.lr), _PIPELINE_ROUNDS * (count + 3),
+                                h.Precision(feed_precision, device))
+        runs.append((name, model, optimizer, batches, count, outlier_weight))
     rates, warm_ups = {name: [] for name, *_ in runs}, []
     for _ in range(_PIPELINE_ROUNDS):  # taken in turns: this machine's speed drifts over minutes
-        for (name, feed_precision, model, batches, count, weight), optimizer in zip(runs, optimizers):
-            rate, warm = _images_per_second(model, optimizer, batches, count, feed_precision, weight)
+        for name, model, optimizer, batches, count, weight in runs:
+            rate, warm = _images_per_second(model, optimizer, batches, count, weight)
             rates[name].append(rate)
             warm_ups.append(warm)
     rates = {name: float(np.median(values)) for name, values in rates.items()}
@@ -132,8 +155,8 @@ def _reference_recipe_seconds(mnist: Dataset, device, seed: int, steps: int, log
     """The reference recipe's images/s (no BatchNorm, the logits head, SGD, batch 32, fp32) and
     so its time to 99 %, taken as _REFERENCE_EPOCHS_TO_99 epochs."""
     model = _seeded_net(device, seed, batch_norm=False, sum_head="logits")
-    rate, _ = _images_per_second(model, torch.optim.SGD(model.parameters(), **_REFERENCE_SGD),
-                                _reference_batches(mnist, device, seed), steps, h.Precision("fp32", device))
+    rate, _ = _images_per_second(model, _ReferenceSGD(model, h.Precision("fp32", device)),
+                                 _reference_batches(mnist, device, seed), steps)
     seconds = _REFERENCE_EPOCHS_TO_99 * len(mnist) / rate
     log(f"reference recipe (no BatchNorm, SGD, batch 32, fp32): {rate:.0f} images/s, so "
         f"{_REFERENCE_EPOCHS_TO_99} epochs to 99 % take about {seconds:.0f} s")
@@ -144,7 +167,7 @@ def _recipe_time_to_99(train_split: h.Split, test_split: h.Split, recipe: h.Reci
                       log) -> dict:
     """Trains our default model by `recipe` and reports its time to >= 99 % on both heads."""
     model = _seeded_net(train_split.images.device, recipe.seed)
-    history = h.train(model, train_split, test_split, recipe, log=None, progress=False)
+    history = h.train(model, train_split, test_split, recipe, outliers=_outliers(train_split, recipe), log=None)
     final, reached = history[-1], _seconds_to_99(history)
     log(f"our recipe on {len(train_split):,} images ({recipe.epochs} epoch(s), {final['precision']}): "
         f"{sum(r['train_seconds'] for r in history):.1f} s of training; "
@@ -168,7 +191,8 @@ def benchmark(device, root=None, recipe: h.Recipe | None = None, *, steps: int =
     the first images of each split, for a quick check.
     """
     log = log or _quiet
-    recipe = replace(recipe or h.Recipe(epochs=1), precision=h.Precision(recipe.precision, device).name)
+    recipe = recipe or h.Recipe(epochs=1)
+    recipe = replace(recipe, precision=h.Precision(recipe.precision, device).name)
     mnist = h.load_mnist(True, root=root)
     train_split = h.load_split(True, root=root, device=device, limit=train_limit)
     test_split = h.load_split(False, root=root, device=device, limit=test_limit)
@@ -183,19 +207,46 @@ def benchmark(device, root=None, recipe: h.Recipe | None = None, *, steps: int =
     return result
 
 
+def _top_level_operators(events) -> int:
+    """How many aten operators the profiled code called itself, not through another operator."""
+    return sum(1 for event in events if event.name.startswith("aten::") and (
+        event.cpu_parent is None or not event.cpu_parent.name.startswith("aten::")))
+
+
+def operators_per_step(device, precision: str = "auto", root=None, steps: int = 32) -> float:
+    """The aten operators one training step of the default recipe dispatches, on average: a
+    one-epoch `h.train` of `steps` batches and one of twice as many, each under torch.profiler,
+    and the difference per step, so that what runs once an epoch (the evaluation, the epoch's
+    draws) cancels, and what runs once per 32 batches (`h.augment` on a chunk) counts its share.
+    On a GPU each operator that computes is a kernel launch."""
+    recipe = h.Recipe(epochs=1, precision=precision)
+    counts = []
+    for batches in (steps, 2 * steps):
+        split = h.load_split(True, root=root, device=device, limit=batches * recipe.batch_size)
+        test = h.load_split(False, root=root, device=device, limit=200)
+        model, outliers = _seeded_net(device, recipe.seed), _outliers(split, recipe)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            h.train(model, split, test, recipe, outliers=outliers, log=None)
+        counts.append(_top_level_operators(profile.events()))
+    return (counts[1] - counts[0]) / steps
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=None, help="MNIST folder (default: $MNIST_DATA_DIR or ./data)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--precision", default="auto", choices=h.PRECISIONS,
                         help="of our recipe's runs (the reference's always train in fp32)")
-    parser.add_argument("--steps", type=h.positive(int), default=200, help="batch-32 steps to time")
-    parser.add_argument("--epochs", type=h.positive(int), default=1)
-    parser.add_argument("--batch-size", type=h.positive(int), default=h.Recipe.batch_size)
-    parser.add_argument("--short-images", type=h.positive(int), default=None,
+    parser.add_argument("--steps", type=positive(int), default=200, help="batch-32 steps to time")
+    parser.add_argument("--epochs", type=positive(int), default=1)
+    parser.add_argument("--batch-size", type=positive(int), default=h.Recipe.batch_size)
+    parser.add_argument("--short-images", type=positive(int), default=None,
                         help="also time the recipe on only the first N training images")
-    parser.add_argument("--limit", type=h.positive(int), default=None, help="use the first N training images")
+    parser.add_argument("--limit", type=positive(int), default=None, help="use the first N training images")
     parser.add_argument("--json", action="store_true", help="every figure as one JSON object")
+    parser.add_argument("--operators", action="store_true",
+                        help="only count the aten operators of one training step, in each precision "
+                             "the device offers")
     return parser
 
 
@@ -203,10 +254,15 @@ def main(argv=None) -> int:
     args = _build_parser().parse_args(argv)
     try:
         device = h.choose_device(args.device)
+        if args.operators:
+            for precision in ("fp32", *h.half_precisions(device)):
+                print(f"{precision}: {operators_per_step(device, precision, args.data):.1f} aten operators "
+                      f"per training step ({h.describe_machine(device)})")
+            return 0
         recipe = h.Recipe(epochs=args.epochs, batch_size=args.batch_size, precision=args.precision)
         result = benchmark(device, args.data, recipe, steps=args.steps, short_images=args.short_images,
                            train_limit=args.limit, log=_quiet if args.json else print)
-    except (ValueError, OSError) as error:  # as the command line of helpers.py answers them
+    except (ValueError, OSError) as error:  # as cli.py answers them
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.json:

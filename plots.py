@@ -12,9 +12,11 @@ import torch.nn.functional as F
 from matplotlib.colors import LogNorm
 
 import helpers as h
+import inference
 import pictures
 
-__version__ = "5.0"  # as helpers.__version__: the three files come from one commit
+__version__ = "6.0"  # as helpers.__version__: every file of the project comes from one commit
+
 
 class _Source(str):
     """Source code that shows as highlighted Python where Markdown renders, and as plain text
@@ -80,20 +82,20 @@ def show_pictures(pictures, titles, columns=6, size=2.0):
 
 def plot_confidence(groups: dict[str, torch.Tensor]):
     """How sure the network is: for each group of pictures, the share of them at each top digit
-    probability (NaN: refused by the preparation, counted in the legend), and h.MIN_CONFIDENCE,
+    probability (NaN: refused by the preparation, counted in the legend), and inference.MIN_CONFIDENCE,
     on a logarithmic axis so that a few pictures show beside thousands."""
     figure, axis = plt.subplots(figsize=(10, 5))
     bins = np.linspace(0, 1, 21)
     for index, (name, top) in enumerate(groups.items()):
         style = ("-", "--", "-.", ":")[index % 4]
         read = top[~top.isnan()].numpy()
-        flagged = float(((top < h.MIN_CONFIDENCE) | top.isnan()).float().mean())
+        flagged = float(((top < inference.MIN_CONFIDENCE) | top.isnan()).float().mean())
         share = np.histogram(read, bins)[0] / max(len(top), 1) * 100
         axis.stairs(np.maximum(share, 1e-3), bins, linestyle=style, linewidth=3.5 if index == 0 else 2,
                     label=f"{name}: {len(top):,}, {1 - len(read) / max(len(top), 1):.0%} refused, "
                           f"{flagged:.1%} refused or below the line")
-    axis.axvline(h.MIN_CONFIDENCE, color="black", linewidth=1)
-    axis.annotate(f"MIN_CONFIDENCE = {h.MIN_CONFIDENCE}:\nbelow it, 'not sure'", (h.MIN_CONFIDENCE, 0.45),
+    axis.axvline(inference.MIN_CONFIDENCE, color="black", linewidth=1)
+    axis.annotate(f"MIN_CONFIDENCE = {inference.MIN_CONFIDENCE}:\nbelow it, 'not sure'", (inference.MIN_CONFIDENCE, 0.45),
                   xycoords=("data", "axes fraction"), xytext=(-6, 0), textcoords="offset points",
                   ha="right", va="center", fontsize=9)
     axis.set(xlabel="the network's top digit probability", ylabel="pictures in the group (%, log scale)",
@@ -103,7 +105,7 @@ def plot_confidence(groups: dict[str, torch.Tensor]):
     _finish(figure)
 
 
-def show_predictions(images, answers: list[h.Answer], truths, columns=8):
+def show_predictions(images, answers: list[inference.Answer], truths, columns=8):
     """Each picture under its `Answer` (the short title, "not sure" included) and the true
     digit; a picture not read right and sure in red."""
     figure, axes = _grid(len(images), columns, size=1.6, title_lines=2)
@@ -287,11 +289,11 @@ def plot_holdout_sweep(sweep: dict[str, dict[int, dict]], evidence: dict[int, di
     _finish(figure)
 
 
-def show_preparation(model: h.Net, picture, number: int) -> h.Answer:
+def show_preparation(model: h.Net, picture, number: int) -> inference.Answer:
     """`preparation_steps` on one picture, in equal panels, and the model's `Answer`, which it
     returns."""
     steps = pictures.preparation_steps(picture)
-    answer = h.Answer(*h.predict_proba(model, picture, number), number)
+    answer = inference.answer(model, picture, number)
     titles = {"picture": f"picture, {steps['picture'].shape[1]} x {steps['picture'].shape[0]} px",
               "ink": "ink found (inverted)", "kept": "kept: the digit's pieces",
               "cropped": "cropped to their box, all ink",

@@ -8,6 +8,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import helpers  # noqa: E402
+import inference  # noqa: E402
+import pictures  # noqa: E402
+
+
+def predict(model, picture, number):
+    """(digit, sum): each head's answer for one picture of a digit and a number."""
+    answer = inference.answer(model, picture, number)
+    return answer.digit, answer.total
 
 
 @pytest.fixture(scope="session")
@@ -39,14 +47,21 @@ def train_slice(data_dir):
 
 
 @pytest.fixture(scope="session")
-def trained(train_slice, test_split):
+def outliers(train_slice):
+    """Pictures of no digit for `train`, made once for the session, as the command line makes
+    them for a split this size."""
+    return pictures.draw_outliers(2048, 0, helpers.denormalize(train_slice.images))
+
+
+@pytest.fixture(scope="session")
+def trained(train_slice, test_split, outliers):
     """A model trained briefly on a slice, shared by the tests that need one that works.
 
     In fp32: bf16 kernels differ between CPU models, and so would a model trained in bf16.
     """
     model = helpers.new_model(0)
     recipe = helpers.Recipe(epochs=3, batch_size=64, outliers=4, precision="fp32")  # 8 per 128, halved
-    history = helpers.train(model, train_slice, test_split.first(1000), recipe, progress=False, log=None)
+    history = helpers.train(model, train_slice, test_split.first(1000), recipe, outliers=outliers, log=None)
     return model, history
 
 
@@ -70,7 +85,7 @@ def device(request):
 def meta(monkeypatch):
     """A stand-in GPU for machines without one. Tensors on the meta device have shapes but no
     values, and an operation that mixes them with CPU tensors raises, as it would with a GPU.
-    Results leave the device through `helpers._to_host`, which here hands back stand-ins of the
+    Results leave the device through `helpers.to_host`, which here hands back stand-ins of the
     right shape and type (random intensities for floats, zeros for integers), so the code after
     it runs on."""
     def stand_in(tensor):
@@ -80,5 +95,5 @@ def meta(monkeypatch):
 
     def to_host(*tensors):
         return [stand_in(t) if t.is_meta else t.cpu() for t in tensors]
-    monkeypatch.setattr(helpers, "_to_host", to_host)
+    monkeypatch.setattr(helpers, "to_host", to_host)
     return torch.device("meta")

@@ -9,14 +9,18 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
+import cli
 import helpers
+import inference
 import pictures
+import synthetic
 from conftest import ROOT
 from test_pictures import as_photo
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "helpers.py"), *args], capture_output=True,
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True,
                           text=True, cwd=ROOT, timeout=600, check=False)
 
 
@@ -28,7 +32,7 @@ def test_cli_train_evaluate_predict(tmp_path, data_dir):
     assert trained.returncode == 0, trained.stderr
     record = json.loads(trained.stdout.strip().splitlines()[-1])
     assert record["epoch"] == 1 and record["train_seconds"] > 0
-    model = helpers.load_checkpoint(model_path)
+    model = checkpoints.load(model_path)
     summary = helpers.evaluate(model, helpers.load_split(False, root=data_dir)).summary()
     assert {key: record[key] for key in summary} == pytest.approx(summary, abs=1e-6)
 
@@ -44,7 +48,7 @@ def test_cli_train_evaluate_predict(tmp_path, data_dir):
     Image.fromarray(helpers.load_mnist(False, root=data_dir, transform=None).data[0].numpy()).save(image)
     answer = run_cli("predict", "--model", str(model_path), str(image), "4")
     assert answer.returncode == 0, answer.stderr
-    expected = helpers.Answer(*helpers.predict_proba(model, helpers.read_image(image), 4), 4)
+    expected = inference.answer(model, pictures.read_image(image), 4)
     assert answer.stdout.strip() == str(expected)
 
     refused = run_cli("predict", "--model", str(model_path), str(image), "12")
@@ -54,7 +58,7 @@ def test_cli_train_evaluate_predict(tmp_path, data_dir):
 @pytest.fixture
 def model_file(trained, tmp_path):
     path = tmp_path / "model.pt"
-    helpers.save_checkpoint(trained[0], path)
+    checkpoints.save(trained[0], path)
     return path
 
 
@@ -62,8 +66,8 @@ def test_cli_predicts_a_large_off_centre_dark_on_light_png(trained, model_file, 
     photo = as_photo(raw_test[0], size=(600, 450), at=(300, 40), scale=10)  # a 7, bottom left
     path = tmp_path / "photo.png"
     Image.fromarray(photo.numpy()).save(path)
-    digit_probs, sum_probs = helpers.predict_proba(trained[0], raw_test[0], 7)
-    assert int(digit_probs.argmax()) == 7 and digit_probs.max() >= helpers.MIN_CONFIDENCE
+    digit_probs = inference.answer(trained[0], raw_test[0], 7).digit_probs
+    assert int(digit_probs.argmax()) == 7 and digit_probs.max() >= inference.MIN_CONFIDENCE
     answer = run_cli("predict", "--model", str(model_file), str(path), "7")
     assert answer.returncode == 0, answer.stderr
     assert answer.stdout.strip() == f"digit 7 ({100 * float(digit_probs.max()):.0f} % sure), 7 + 7 = 14"
@@ -71,9 +75,9 @@ def test_cli_predicts_a_large_off_centre_dark_on_light_png(trained, model_file, 
 
 def test_cli_says_not_sure_on_a_picture_of_no_digit(trained, model_file, tmp_path):
     """A crop of a photo that the preparation does not refuse, but that shows no digit."""
-    nondigits = pictures.nondigit_photos(40, seed=11)
-    digit_probs, sum_probs = helpers.read_pictures(trained[0], nondigits, [2] * 40)
-    unsure = (~helpers.is_sure(digit_probs, sum_probs, 2) & ~digit_probs.isnan().any(1)).nonzero().flatten()
+    nondigits = synthetic.nondigit_photos(40, seed=11)
+    digit_probs, sum_probs = inference.read_pictures(trained[0], nondigits, [2] * 40)
+    unsure = (~inference.is_sure(digit_probs, sum_probs, 2) & ~digit_probs.isnan().any(1)).nonzero().flatten()
     assert len(unsure), "every picture of no digit was refused or read with confidence"
     path = tmp_path / "no-digit.png"  # lossless: the command reads the very picture chosen
     nondigits[int(unsure[0])].convert("RGB").save(path)
@@ -118,7 +122,7 @@ def test_cli_answers_each_mistake_with_one_error_line(mistake, model_file, tmp_p
 def test_cli_ctrl_c_keeps_the_last_finished_epoch(tmp_path, data_dir):
     out = tmp_path / "model.pt"
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "helpers.py"), "train", "--epochs", "100", "--limit", "256",
+        [sys.executable, str(ROOT / "cli.py"), "train", "--epochs", "100", "--limit", "256",
          "--batch-size", "64", "--device", "cpu", "--data", str(data_dir), "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
         env={**__import__("os").environ, "PYTHONUNBUFFERED": "1"})
@@ -133,7 +137,7 @@ def test_cli_ctrl_c_keeps_the_last_finished_epoch(tmp_path, data_dir):
     assert last.startswith("interrupted: saved the model of epoch ") and last.endswith(str(out))
     metadata = torch.load(out, weights_only=True)["metadata"]
     assert metadata["epochs"] == 100 and 1 <= len(metadata["history"]) < 100
-    helpers.load_checkpoint(out)
+    checkpoints.load(out)
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary file left
 
 
@@ -141,7 +145,7 @@ def test_ctrl_c_before_the_first_epoch_saves_nothing(tmp_path, monkeypatch, caps
     def interrupted(*args, stop_requested, **kwargs):  # Ctrl-C during the first epoch
         return []
     monkeypatch.setattr(helpers, "train", interrupted)
-    code = helpers.main(["train", "--limit", "64", "--device", "cpu", "--data", str(data_dir),
+    code = cli.main(["train", "--limit", "64", "--device", "cpu", "--data", str(data_dir),
                          "--out", str(tmp_path / "model.pt")])
     assert code == 130 and "nothing saved" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
@@ -149,22 +153,22 @@ def test_ctrl_c_before_the_first_epoch_saves_nothing(tmp_path, monkeypatch, caps
 
 def test_a_failed_save_after_training_keeps_the_model(tmp_path, monkeypatch, capsys, data_dir):
     out = tmp_path / "models" / "model.pt"
-    real_save = helpers.save_checkpoint
+    real_save = checkpoints.save
 
     def disk_full_at_out(model, path, **metadata):
         if Path(path) == out:
             raise OSError(28, "No space left on device")
         real_save(model, path, **metadata)
 
-    monkeypatch.setattr(helpers, "save_checkpoint", disk_full_at_out)
+    monkeypatch.setattr(checkpoints, "save", disk_full_at_out)
     monkeypatch.chdir(tmp_path)
-    code = helpers.main(["train", "--epochs", "1", "--limit", "128", "--batch-size", "64",
+    code = cli.main(["train", "--epochs", "1", "--limit", "128", "--batch-size", "64",
                          "--device", "cpu", "--data", str(data_dir), "--out", str(out), "--json"])
     errors = capsys.readouterr().err
     rescued = list(tmp_path.glob("model-rescued-*.pt"))
     assert code == 1 and "No space left" in errors and len(rescued) == 1
     assert f"saved the model to '{rescued[0]}' instead" in errors
-    helpers.load_checkpoint(rescued[0])
+    checkpoints.load(rescued[0])
 
 
 def score_folder_of(tmp_path, raw_mnist):
@@ -185,7 +189,7 @@ def score_folder_of(tmp_path, raw_mnist):
 
 def test_score_counts_a_folder_by_sub_folder_and_lists_the_worst_mistakes(trained, model_file, tmp_path, raw_mnist):
     folder = score_folder_of(tmp_path, raw_mnist)
-    result = helpers.score_folder(trained[0], folder)
+    result = inference.score_folder(trained[0], folder)
     assert result["all"]["pictures"] == 6 and set(result["groups"]) == {"alice", "bob"}
     assert result["groups"]["alice"]["pictures"] == 3 and result["groups"]["bob"]["pictures"] == 3
     assert result["all"]["refused"] == 1 and result["groups"]["bob"]["refused"] == 1

@@ -2,20 +2,28 @@
 only what the modules offer."""
 import ast
 import json
-import re
 
 import pytest
 
 import benchmark
+import checkpoints
+import cli
 import helpers
+import inference
 import pictures
 import plots
+import publish
+import synthetic
 from conftest import ROOT
 
-MODULES = {"pictures": pictures, "helpers": helpers, "plots": plots, "benchmark": benchmark}
-# Who may import whom: each module only the ones before it, so no two import each other.
-LAYERS = {"pictures": set(), "helpers": {"pictures"}, "plots": {"helpers", "pictures"},
-          "benchmark": {"helpers"}}
+MODULES = {"helpers": helpers, "pictures": pictures, "synthetic": synthetic, "inference": inference,
+           "checkpoints": checkpoints, "plots": plots, "cli": cli, "benchmark": benchmark, "publish": publish}
+# Who may import whom: each module only the ones before it, so no two import each other. The
+# assignment, helpers.py, needs PyTorch alone; pictures.py adds OpenCV, and knows no network.
+LAYERS = {"helpers": set(), "pictures": set(), "synthetic": set(), "inference": {"helpers", "pictures"},
+          "checkpoints": {"helpers"}, "plots": {"helpers", "inference", "pictures"},
+          "cli": {"checkpoints", "helpers", "inference", "pictures"},
+          "benchmark": {"cli", "helpers", "pictures"}, "publish": set()}
 NOTEBOOKS = sorted(ROOT.glob("*.ipynb"))
 
 
@@ -34,9 +42,16 @@ def test_each_module_imports_only_the_layers_below_it(name):
     assert imported & set(MODULES) == LAYERS[name]
 
 
+def test_the_layers_name_every_module():
+    assert set(LAYERS) == set(MODULES) == {path.stem for path in ROOT.glob("*.py")}
+
+
 @pytest.mark.parametrize("name", MODULES)
-def test_no_module_is_over_1800_lines_nor_any_function_over_50(name):
-    assert len((ROOT / f"{name}.py").read_text().splitlines()) <= 1800
+def test_modules_and_functions_stay_a_readable_size(name):
+    """The rule: a module past 1,000 lines (1,200 for the assignment's helpers.py, which a
+    student reads whole) holds more than one job and wants splitting by role; a function past
+    50 lines, likewise."""
+    assert len((ROOT / f"{name}.py").read_text().splitlines()) <= (1200 if name == "helpers" else 1000)
     long = {node.name: node.end_lineno - node.lineno + 1 for node in ast.walk(tree(name))
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
             and node.end_lineno - node.lineno + 1 > 50}
@@ -52,35 +67,56 @@ def notebook_code(path):
     return "\n".join("".join(cell["source"]) for cell in cells if cell["cell_type"] == "code")
 
 
+# The project's modules as the notebooks' set-up imports them.
+IMPORTED = {"h": helpers, "pictures": pictures, "synthetic": synthetic, "inference": inference,
+            "checkpoints": checkpoints, "plots": plots}
+
+
 def module_attributes(code):
-    """(alias, name) for each `h.name`, `pictures.name` and `plots.name` the code uses, read from
-    its syntax tree, so "plots.py" in a string names a file, not an attribute."""
+    """(alias, name) for each `h.name`, `pictures.name`, ... that the code uses, read from its
+    syntax tree, so "plots.py" in a string names a file, not an attribute."""
     return {(node.value.id, node.attr) for node in ast.walk(ast.parse(code))
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-            and node.value.id in ("h", "pictures", "plots")}
+            and node.value.id in IMPORTED}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.name for path in NOTEBOOKS])
 def test_the_notebooks_use_only_public_names_that_exist(path):
     used = module_attributes(notebook_code(path))
     assert {alias for alias, _ in used} >= {"h"}, "the notebook no longer calls helpers as h"
-    modules = {"h": helpers, "pictures": pictures, "plots": plots}
+    modules = IMPORTED
     assert not {(alias, name) for alias, name in used if name.startswith("_") and not name.endswith("__")}
     assert not {(alias, name) for alias, name in used if not hasattr(modules[alias], name)}
 
 
+def names_used(code: str) -> set[str]:
+    """Every name the code uses, as a variable or as an attribute: its syntax, not its strings,
+    docstrings or comments."""
+    used = set()
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Name):
+            used.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            used.add(node.attr)
+        elif isinstance(node, ast.alias):
+            used.add(node.name.split(".")[-1])
+    return used
+
+
 def test_every_public_name_serves_something_besides_the_tests():
     """A name only the tests use is private: every public function, class and constant of a
-    module is used by another module, a notebook, the command line, or its own module's code."""
-    sources = {name: (ROOT / f"{name}.py").read_text() for name in MODULES}
-    sources.update({path.name: notebook_code(path) for path in NOTEBOOKS})
+    module is used in the code of another module, a notebook, or its own module."""
+    used = set().union(*(names_used((ROOT / f"{name}.py").read_text()) for name in MODULES),
+                       *(names_used(notebook_code(path)) for path in NOTEBOOKS))
     unused = []
     for name in MODULES:
         for node in tree(name).body:
             defined = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else [
                 target.id for target in getattr(node, "targets", []) if isinstance(target, ast.Name)]
-            for public in (d for d in defined if not d.startswith("_")):
-                uses = sum(len(re.findall(rf"\b{public}\b", text)) for text in sources.values())
-                if uses <= 1:  # its definition alone
-                    unused.append(f"{name}.{public}")
+            unused += [f"{name}.{public}" for public in defined if not public.startswith("_") and public not in used]
     assert not unused, unused
+
+
+def test_the_public_name_check_reads_code_not_prose():
+    assert names_used('"""predict is only named here"""\nanswer = reader.answer(x)  # predict') == {
+        "answer", "reader", "x"}

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import helpers
+import inference
+from conftest import predict
 import pages
 import pictures
 from test_pictures import first_read_right
@@ -24,7 +25,7 @@ def uci_digits(model):
         if label in chosen:
             continue
         cover = pages.enlarged(image, 84)
-        if helpers.predict(model, pages.at_place(cover, "centre", 200), 0) == (label, label):
+        if predict(model, pages.at_place(cover, "centre", 200), 0) == (label, label):
             chosen[label] = cover
         if len(chosen) == 10:
             return chosen
@@ -41,7 +42,7 @@ def digits(trained, raw_mnist):
 def read(model, drawn: dict) -> tuple[int, int]:
     """(refused, read right) over {digit: picture}, each with the number 4."""
     labels = list(drawn)
-    counts = helpers.tally(model, [drawn[digit] for digit in labels], labels, [4] * len(labels))
+    counts = inference.tally(model, [drawn[digit] for digit in labels], labels, [4] * len(labels))
     return counts["refused"], counts["right"]
 
 
@@ -82,7 +83,7 @@ def test_the_page_s_structure_is_dropped_beside_a_digit(trained, digits):
         kept = pictures.preparation_steps(picture)["kept"].numpy()
         rows, cols = np.nonzero(kept)
         assert rows.min() >= 65 and cols.min() >= 85 and rows.max() <= 160, digit  # the digit alone
-        assert helpers.predict(model, picture, 4) == (digit, digit + 4)
+        assert predict(model, picture, 4) == (digit, digit + 4)
 
 
 @pytest.mark.parametrize("make, message", [

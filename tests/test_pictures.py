@@ -6,13 +6,16 @@ import torch
 from PIL import Image
 
 import helpers
+import inference
+from conftest import predict
 import pictures
+import synthetic
 import plots
 
 
 def test_predict_accepts_every_image_form(trained, raw_test):
     model, _ = trained
-    digit_probs, sum_probs = helpers.read_pictures(model, raw_test[:8], list(range(8)))
+    digit_probs, sum_probs = inference.read_pictures(model, raw_test[:8], list(range(8)))
     assert digit_probs.shape == (8, 10) and sum_probs.shape == (8, 19)
     for index in range(3):
         answer = (int(digit_probs[index].argmax()), int(sum_probs[index].argmax()))
@@ -21,9 +24,9 @@ def test_predict_accepts_every_image_form(trained, raw_test):
         for form in (image, image.float() / 255, image[None], image.numpy(),
                      image.numpy().astype(np.float64) / 255, Image.fromarray(image.numpy()),
                      colour, Image.fromarray(colour), image[None].expand(3, 28, 28)):
-            assert helpers.predict(model, form, index) == answer
-        assert helpers.predict(model, image, np.int64(index)) == answer
-        assert helpers.predict(model, image, torch.tensor(index)) == answer
+            assert predict(model, form, index) == answer
+        assert predict(model, image, np.int64(index)) == answer
+        assert predict(model, image, torch.tensor(index)) == answer
 
 
 def test_prepared_mnist_keeps_its_answers(trained, raw_test, test_split):
@@ -40,7 +43,7 @@ def test_prepared_mnist_keeps_its_answers(trained, raw_test, test_split):
         digit_lp, sum_lp = model.eval()(direct, numbers)
     sure = digit_lp.exp().amax(1) >= 0.9
     assert sure.float().mean() > 0.8
-    after = [probs.argmax(1) for probs in helpers.read_pictures(model, raw_test[:count], numbers)]
+    after = [probs.argmax(1) for probs in inference.read_pictures(model, raw_test[:count], numbers)]
     for old, new in zip((digit_lp.argmax(1), sum_lp.argmax(1)), after):
         assert (old == new)[sure].float().mean() >= 0.998  # at most 2 of 1,000 differ
         assert (old == new).float().mean() >= 0.99
@@ -65,7 +68,7 @@ def test_an_inverted_enlarged_off_centre_digit_reads_as_its_label(trained, raw_m
         for at in ((5, 5), (60, 20)):
             photo = as_photo(digit, at=at)
             assert photo[0, 0] == 200 and photo.float().mean() > 150  # dark on light
-            right += helpers.predict(model, photo, 5) == (label, label + 5)
+            right += predict(model, photo, 5) == (label, label + 5)
     assert right >= 38  # of 40; enlarging and shrinking back resamples the strokes
 
 
@@ -84,7 +87,7 @@ def test_preparation_frames_the_digit_as_mnist_did(raw_test):
     assert (box.max(0).values - box.min(0).values + 1).max() == 20  # longer side fits 20 px
     likeness = torch.nn.functional.cosine_similarity(framed.flatten(), original.flatten(), dim=0)
     assert likeness > 0.85, likeness  # the same digit, not just some digit
-    prepared = helpers.prepare_image(as_photo(raw_test[0]))
+    prepared = inference.prepare_image(as_photo(raw_test[0]))
     assert torch.allclose(prepared[0], helpers.normalize(pictures.preparation_steps(as_photo(raw_test[0]))["framed"]))
 
 
@@ -93,7 +96,7 @@ PHOTO = {"paper": "ruled", "size": (700, 900), "height": 300, "at": (200, 350), 
 
 
 def handmade_photo(digit: torch.Tensor, **changes):
-    """A phone photo made by hand, independently of pictures.photo_digits: an MNIST digit drawn
+    """A phone photo made by hand, independently of synthetic.photo_digits: an MNIST digit drawn
     as a pen stroke `height` px tall (a lower `pen` is a thicker pen) in dark blue ink at `at`
     on plain, ruled or squared paper, the light falling to `light` across the page, maybe a
     stray dot or a dark table along the left edge, saved as JPEG at `quality` (see PHOTO)."""
@@ -123,7 +126,7 @@ def handmade_photo(digit: torch.Tensor, **changes):
 def first_read_right(model, raw_test, digit):
     """The first MNIST test image of `digit` that the model reads right as it is."""
     for index in (raw_test.targets == digit).nonzero().flatten().tolist():
-        if helpers.predict(model, raw_test.data[index], 0)[0] == digit:
+        if predict(model, raw_test.data[index], 0)[0] == digit:
             return raw_test.data[index]
     raise AssertionError(f"the model reads no {digit} right")
 
@@ -134,7 +137,7 @@ def test_thick_four_on_lined_paper_in_uneven_light_reads_four(trained, raw_mnist
     model, _ = trained
     photo = handmade_photo(first_read_right(model, raw_mnist, 4), pen=0.05)
     assert photo.size == (900, 700) and photo.format == "JPEG"
-    assert helpers.predict(model, photo, 3) == (4, 7)
+    assert predict(model, photo, 3) == (4, 7)
 
 
 PHOTO_CASES = {
@@ -154,18 +157,18 @@ def test_photos_read_like_the_digits_they_show(trained, raw_mnist, case):
     right = 0
     for digit in range(10):
         photo = handmade_photo(first_read_right(model, raw_mnist, digit), **PHOTO_CASES[case])
-        right += helpers.predict(model, photo, 5) == (digit, digit + 5)
+        right += predict(model, photo, 5) == (digit, digit + 5)
     assert right >= 9  # of 10
 
 
 def test_photo_set_reads_far_better_prepared_than_naive(trained):
     model, _ = trained
     digits, labels = helpers.mnist_test_sample(40, seed=7)
-    photos, papers = pictures.photo_digits(digits, seed=7)
+    photos, papers = synthetic.photo_digits(digits, seed=7)
     assert {"plain", "ruled", "squared"} <= {paper.split("+")[0] for paper in papers}
     assert all(min(p.size) >= 225 and p.mode == "RGB" for p in photos)
     numbers = helpers.draw_numbers(40, seed=8)
-    prepared, everything, naive = (helpers.tally(model, photos, labels, numbers, framing)["right"] / 40
+    prepared, everything, naive = (inference.tally(model, photos, labels, numbers, framing)["right"] / 40
                                    for framing in (pictures.frame_digit, pictures.frame_all_ink, pictures.squash))
     assert prepared >= 0.85 and prepared > everything + 0.2 and prepared > naive + 0.5
 
@@ -173,20 +176,20 @@ def test_photo_set_reads_far_better_prepared_than_naive(trained):
 def test_clean_digits_read_well(trained):
     model, _ = trained
     digits, labels = helpers.mnist_test_sample(40, seed=7)
-    drawn = pictures.clean_digits(digits, seed=7)
+    drawn = synthetic.clean_digits(digits, seed=7)
     assert all(p.mode == "L" and 150 <= min(p.size) <= 400 for p in drawn)
-    assert helpers.tally(model, drawn, labels, helpers.draw_numbers(40, seed=8))["right"] >= 34
+    assert inference.tally(model, drawn, labels, helpers.draw_numbers(40, seed=8))["right"] >= 34
 
 
 def test_font_digits_read_well_and_far_better_than_naive(trained):
     """Printed digits, from matplotlib's fonts: 95 % read right when written, naive 10 %."""
     model, _ = trained
-    printed, labels = pictures.font_digits(60, seed=0)
+    printed, labels = synthetic.font_digits(60, seed=0)
     assert len(printed) == 60 and labels.tolist()[:12] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
     assert all(min(p.size) >= 64 and p.mode == "L" for p in printed)
     numbers = helpers.draw_numbers(60, seed=1)
-    prepared = helpers.tally(model, printed, labels, numbers)["right"]
-    naive = helpers.tally(model, printed, labels, numbers, pictures.squash)["right"]
+    prepared = inference.tally(model, printed, labels, numbers)["right"]
+    naive = inference.tally(model, printed, labels, numbers, pictures.squash)["right"]
     assert prepared >= 50 and prepared > naive + 30, (prepared, naive)
 
 
@@ -197,8 +200,8 @@ def test_font_digits_read_well_and_far_better_than_naive(trained):
     (np.random.default_rng(1).random((40, 40)), "no digit"),
 ], ids=["white page", "black square", "noise", "float noise"])
 def test_no_ink_no_answer(trained, page, message):
-    with pytest.raises(helpers.NoDigitError, match=message):
-        helpers.predict(trained[0], page, 3)
+    with pytest.raises(pictures.NoDigitError, match=message):
+        predict(trained[0], page, 3)
 
 
 BAD_INPUTS = [
@@ -228,31 +231,33 @@ def test_a_wrong_call_gets_a_clear_error_not_no_digit(trained, raw_test, case):
     _, make, error, message = case
     picture, number = make(raw_test[0])
     with pytest.raises(error, match=message) as raised:
-        helpers.predict(model, picture, number)
-    assert not isinstance(raised.value, helpers.NoDigitError)
+        predict(model, picture, number)
+    assert not isinstance(raised.value, pictures.NoDigitError)
     with pytest.raises(error, match=message):  # and the batch function does not hide it
-        helpers.read_pictures(model, [raw_test[1], picture], [2, number])
+        inference.read_pictures(model, [raw_test[1], picture], [2, number])
 
 
-def test_predict_proba_sums_to_one_and_agrees_with_predict(trained, raw_test):
+def test_an_answer_holds_probabilities_that_sum_to_one_and_agree_with_the_batch(trained, raw_test):
     model, _ = trained
+    batch = inference.read_pictures(model, raw_test[:5], [6] * 5)
     for index in range(5):
-        digit_probs, sum_probs = helpers.predict_proba(model, raw_test[index], 6)
-        assert digit_probs.shape == (10,) and sum_probs.shape == (19,)
-        assert float(digit_probs.sum()) == pytest.approx(1, abs=1e-5)
-        assert float(sum_probs.sum()) == pytest.approx(1, abs=1e-5)
-        assert (int(digit_probs.argmax()), int(sum_probs.argmax())) == helpers.predict(model, raw_test[index], 6)
+        answer = inference.answer(model, raw_test[index], 6)
+        assert answer.digit_probs.shape == (10,) and answer.sum_probs.shape == (19,)
+        assert float(answer.digit_probs.sum()) == pytest.approx(1, abs=1e-5)
+        assert float(answer.sum_probs.sum()) == pytest.approx(1, abs=1e-5)
+        assert torch.allclose(answer.digit_probs, batch[0][index], atol=1e-5)
+        assert (answer.digit, answer.total) == (int(batch[0][index].argmax()), int(batch[1][index].argmax()))
 
 
 def test_a_picture_with_no_digit_does_not_stop_the_others(trained, raw_test):
     model, _ = trained
     images = [raw_test[0], np.full((60, 60), 250, np.uint8), raw_test[1]]
-    digit_probs, sum_probs = helpers.read_pictures(model, images, [1, 2, 3])
+    digit_probs, sum_probs = inference.read_pictures(model, images, [1, 2, 3])
     assert digit_probs[1].isnan().all() and sum_probs[1].isnan().all()
     assert not digit_probs[[0, 2]].isnan().any()
-    assert (int(digit_probs[0].argmax()), int(sum_probs[0].argmax())) == helpers.predict(model, raw_test[0], 1)
+    assert (int(digit_probs[0].argmax()), int(sum_probs[0].argmax())) == predict(model, raw_test[0], 1)
     labels = [int(digit_probs[0].argmax()), 0, int(digit_probs[2].argmax())]  # the refused one is a 0
-    counts = helpers.tally(model, images, labels, [1, 2, 3])
+    counts = inference.tally(model, images, labels, [1, 2, 3])
     assert counts["pictures"] == 3 and counts["refused"] == 1 and counts["right"] == 2
     assert counts["flagged"] >= 1 and counts["confidently_wrong"] == 0
 
@@ -264,22 +269,22 @@ def one_hot(index, classes, value=0.91):
 
 
 def test_an_answer_is_sure_only_when_confident_and_the_heads_agree():
-    sure = helpers.Answer(one_hot(4, 10), one_hot(11, 19), 7)
+    sure = inference.Answer(one_hot(4, 10), one_hot(11, 19), 7)
     assert sure.sure and str(sure) == "digit 4 (91 % sure), 4 + 7 = 11" and sure.title == "4 + 7 = 11"
     unsure_digit = torch.zeros(10)
     unsure_digit[4], unsure_digit[9], unsure_digit[1] = 0.55, 0.40, 0.05
-    unsure = helpers.Answer(unsure_digit, one_hot(11, 19), 7)
+    unsure = inference.Answer(unsure_digit, one_hot(11, 19), 7)
     assert not unsure.sure and str(unsure) == "not sure: 4 (55 %) or 9 (40 %)"
     assert unsure.title == "not sure (4 or 9)"
-    disagree = helpers.Answer(one_hot(4, 10), one_hot(12, 19), 7)  # 4 + 7 is not 12
+    disagree = inference.Answer(one_hot(4, 10), one_hot(12, 19), 7)  # 4 + 7 is not 12
     assert not disagree.sure and "+ 7 = 12" not in str(disagree) and "4 + 7 = 11" not in disagree.title
     assert str(disagree) == "not sure: the digit looks like a 4 (91 %), but the sum head answers 12, not 4 + 7 = 11"
-    rows = helpers.is_sure(torch.stack([one_hot(4, 10), one_hot(4, 10), unsure_digit]),
+    rows = inference.is_sure(torch.stack([one_hot(4, 10), one_hot(4, 10), unsure_digit]),
                            torch.stack([one_hot(11, 19), one_hot(12, 19), one_hot(11, 19)]), [7, 7, 7])
     assert rows.tolist() == [True, False, False]
-    line = helpers.MIN_CONFIDENCE  # the line itself is sure; a hair below it is not
-    at_line = helpers.Answer(one_hot(4, 10, value=line), one_hot(11, 19), 7)
-    below = helpers.Answer(one_hot(4, 10, value=line - 1e-4), one_hot(11, 19), 7)
+    line = inference.MIN_CONFIDENCE  # the line itself is sure; a hair below it is not
+    at_line = inference.Answer(one_hot(4, 10, value=line), one_hot(11, 19), 7)
+    below = inference.Answer(one_hot(4, 10, value=line - 1e-4), one_hot(11, 19), 7)
     assert at_line.sure and not below.sure and str(below).startswith("not sure: 4")
 
 
@@ -311,14 +316,14 @@ def test_pictures_of_no_digit_are_flagged_and_digits_are_not(trained):
     """Flagged: refused by the preparation, or not sure. The small test model trained with
     outlier exposure, on 8,000 images; the full model's rates are the notebook's."""
     model, _ = trained
-    nondigits = pictures.nondigit_photos(60, seed=5)
+    nondigits = synthetic.nondigit_photos(60, seed=5)
     assert len(nondigits) == 60 and all(min(p.size) >= 1 for p in nondigits)
-    counts = helpers.tally(model, nondigits, [0] * 60, [0] * 60)
+    counts = inference.tally(model, nondigits, [0] * 60, [0] * 60)
     assert 0 < counts["refused"] < 60  # some refused outright, some read and doubted
     assert counts["flagged"] >= 51  # 85 %
     digits, labels = helpers.mnist_test_sample(40, seed=5)
-    photos, _ = pictures.photo_digits(digits, seed=5)
-    digits = helpers.tally(model, photos, labels, helpers.draw_numbers(40, seed=0))
+    photos, _ = synthetic.photo_digits(digits, seed=5)
+    digits = inference.tally(model, photos, labels, helpers.draw_numbers(40, seed=0))
     assert digits["flagged"] <= 6 and digits["confidently_wrong"] <= 1, digits  # 15 %; 2.5 %
 
 
@@ -327,26 +332,26 @@ def test_phone_orientation_and_16_bit_pictures_read_as_they_look(trained, raw_te
     scanner may save 16-bit grayscale. Both must read as the picture looks."""
     model, _ = trained
     upright = Image.fromarray(as_photo(raw_test[0], size=(150, 120), at=(20, 20)).numpy())
-    expected = helpers.predict(model, upright, 3)
+    expected = predict(model, upright, 3)
     sideways = tmp_path / "portrait.jpg"
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: turn 90 degrees clockwise to view
     upright.transpose(Image.Transpose.ROTATE_90).save(sideways, quality=95, exif=exif)
     assert expected == (7, 10)  # MNIST's first test digit is a 7
-    assert helpers.predict(model, helpers.read_image(sideways), 3) == expected
+    assert predict(model, pictures.read_image(sideways), 3) == expected
     sixteen = Image.fromarray((np.asarray(upright, np.uint16) * 257).astype(np.uint16))
-    assert sixteen.mode.startswith("I;16") and helpers.predict(model, sixteen, 3) == expected
-    assert helpers.predict(model, np.asarray(upright).astype(np.uint16), 3) == expected
+    assert sixteen.mode.startswith("I;16") and predict(model, sixteen, 3) == expected
+    assert predict(model, np.asarray(upright).astype(np.uint16), 3) == expected
     with pytest.raises(ValueError, match="0..255"):
-        helpers.predict(model, np.asarray(upright).astype(np.uint16) * 257, 3)
+        predict(model, np.asarray(upright).astype(np.uint16) * 257, 3)
 
 
 def test_a_stroke_lost_with_an_edge_line_is_refused_clearly(trained):
     page = np.full((100, 100), 240, np.uint8)
     page[:2] = 20  # a line along the top edge
     page[3, 40:52] = 20  # a thin stroke just below it, within the line's rim
-    with pytest.raises(helpers.NoDigitError, match="no digit found: only lines along"):
-        helpers.predict(trained[0], page, 1)
+    with pytest.raises(pictures.NoDigitError, match="no digit found: only lines along"):
+        predict(trained[0], page, 1)
 
 
 def test_read_pictures_refuses_a_wrong_batch_in_one_line(trained, raw_test):
@@ -358,10 +363,10 @@ def test_read_pictures_refuses_a_wrong_batch_in_one_line(trained, raw_test):
                                  ((images, [1, 2.5, 3]), TypeError, "integer"),
                                  ((images[0], [1]), ValueError, "batch of pictures")]:
         with pytest.raises(error, match=message):
-            helpers.read_pictures(model, *call)
-    digit_probs, _ = helpers.read_pictures(model, images, torch.tensor([1, 2, 3]))
+            inference.read_pictures(model, *call)
+    digit_probs, _ = inference.read_pictures(model, images, torch.tensor([1, 2, 3]))
     mixed = [as_photo(raw_test[0]), raw_test[1].numpy(), Image.fromarray(raw_test[2].numpy())]
-    mixed_probs, _ = helpers.read_pictures(model, mixed, [1, 2, 3])  # a list: any sizes
+    mixed_probs, _ = inference.read_pictures(model, mixed, [1, 2, 3])  # a list: any sizes
     assert torch.equal(mixed_probs.argmax(1), digit_probs.argmax(1))
 
 
@@ -386,7 +391,7 @@ def on_paper(digit: torch.Tensor, scale: int, paper, ink, margin: int = 0) -> Im
 
 def reads(model, drawn: dict) -> int:
     """How many of {digit: picture} are read as their digit, with the sum right."""
-    return sum(helpers.predict(model, picture, 2) == (digit, digit + 2) for digit, picture in drawn.items())
+    return sum(predict(model, picture, 2) == (digit, digit + 2) for digit, picture in drawn.items())
 
 
 def test_a_tight_crop_reads_although_its_strokes_touch_the_edges(trained, raw_mnist):
@@ -481,5 +486,5 @@ def test_a_transparent_background_reads_as_white_paper(trained, raw_mnist):
         rgba[..., 3] = cover  # ink opaque, paper transparent; the colour is black everywhere
         drawn[digit] = Image.fromarray(rgba, "RGBA")
     assert reads(model, drawn) >= 9
-    with pytest.raises(helpers.NoDigitError):
-        helpers.predict(model, drawn[3].convert("RGB"), 2)  # transparency thrown away: black
+    with pytest.raises(pictures.NoDigitError):
+        predict(model, drawn[3].convert("RGB"), 2)  # transparency thrown away: black

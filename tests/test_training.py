@@ -1,10 +1,14 @@
 """Training: augmentation, outlier exposure, seeds, the recipe, and evaluation."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 import helpers
 import pictures
+from conftest import ROOT
 
 
 def distorted(images, seed, strength=1.0):
@@ -51,6 +55,66 @@ def test_max3x3_is_max_pool():
     assert torch.equal(helpers._max3x3(images), torch.nn.functional.max_pool2d(images, 3, 1, 1))
 
 
+def augment_as_written(images, distortions):
+    """What `augment` does, written plainly, one image at a time: the warp, then the stroke
+    change (thicker: towards the 3 x 3 max; thinner: the min; by `weight`), then, if chosen,
+    the softening (a 3 x 3 mean of the intensities, its strongest back to full)."""
+    paper, out = float(helpers.normalize(torch.tensor(0.0))), []
+    for image, (angle, scale, dx, dy, pick, weight, soft) in zip(images, distortions.tolist()):
+        cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
+        theta = torch.tensor([[[cos, -sin, dx / 14], [sin, cos, dy / 14]]], dtype=torch.float32)
+        grid = torch.nn.functional.affine_grid(theta, [1, 1, 28, 28], align_corners=False)
+        warped = torch.nn.functional.grid_sample(image[None] - paper, grid, align_corners=False) + paper
+        pool = torch.nn.functional.max_pool2d
+        target = pool(warped, 3, 1, 1) if pick < 1 / 4 else -pool(-warped, 3, 1, 1) if pick < 7 / 12 else warped
+        changed = warped + weight * (target - warped)
+        if soft:
+            ink = torch.nn.functional.avg_pool2d(helpers.denormalize(changed), 3, 1, 1, count_include_pad=False)
+            changed = helpers.normalize(ink / ink.max())
+        out.append(changed[0])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_augment_does_what_it_says_to_every_image(test_split, seed):
+    """The batched, lean `augment` against the plain one-image-at-a-time version above: every
+    kind of stroke change and the softening, on 64 test images."""
+    images = test_split.images[:64]
+    distortions = helpers.draw_distortions(64, torch.Generator().manual_seed(seed))
+    assert 0 < distortions[:, 6].sum() < 64  # some softened, some not
+    assert torch.allclose(helpers.augment(images, distortions), augment_as_written(images, distortions), atol=1e-4)
+
+
+def test_each_random_choice_has_a_stream_of_its_own_for_every_seed():
+    """The order, the numbers, the augmentation and the outliers of seeds 0 to 4 are 20
+    different streams: with generators seeded seed, seed + 1 and seed + 2, seed 1's order
+    would repeat seed 0's augmentation."""
+    firsts = {(seed, name): tuple(torch.rand(4, generator=generator).tolist())
+              for seed in range(5) for name, generator in helpers.random_streams(seed).items()}
+    assert len(set(firsts.values())) == len(firsts) == 20
+    again = helpers.random_streams(3)["augment"]
+    assert tuple(torch.rand(4, generator=again).tolist()) == firsts[(3, "augment")]
+
+
+def test_training_needs_neither_opencv_nor_pictures(tmp_path, data_dir):
+    """helpers.py imports neither, and `train` with its defaults runs where OpenCV is missing
+    (the import of cv2 fails in this run), without outlier exposure, saying so."""
+    for name in ("helpers",):
+        source = (ROOT / f"{name}.py").read_text()
+        assert "import cv2" not in source and "import pictures" not in source and "from pictures" not in source
+    script = (f"import sys; sys.modules['cv2'] = None; sys.path.insert(0, {str(ROOT)!r})\n"
+              "import helpers as h\n"
+              f"train, test = h.load_split(True, root={str(data_dir)!r}, limit=256), "
+              f"h.load_split(False, root={str(data_dir)!r}, limit=100)\n"
+              "history = h.train(h.new_model(0), train, test, h.Recipe(epochs=1, batch_size=64))\n"
+              "assert 'cv2' not in sys.modules or sys.modules['cv2'] is None and 'pictures' not in sys.modules\n"
+              "print('epochs', len(history))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "training without outlier exposure" in done.stdout and "epochs 1" in done.stdout
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_training_is_repeated_by_its_seed_alone(train_slice, test_split, precision):
     """Two runs from the same weights and recipe seed, under different global random states,
@@ -65,7 +129,7 @@ def test_training_is_repeated_by_its_seed_alone(train_slice, test_split, precisi
         torch.manual_seed(global_seed)
         recipe = helpers.Recipe(epochs=1, batch_size=64, seed=recipe_seed, precision=precision)
         history = helpers.train(model, train_slice.first(320), test_split.first(200), recipe,
-                                progress=False, log=None)
+                                log=None)
         runs.append({key: value for key, value in history[0].items() if key != "train_seconds"})
         assert all(p.dtype == torch.float32 for p in model.parameters())
     assert runs[0] == runs[1] and runs[0]["train_loss"] != runs[2]["train_loss"]
@@ -104,29 +168,30 @@ def test_outliers_and_pictures_share_one_framing(raw_test):
     assert torch.nn.functional.cosine_similarity(outlier.flatten(), prepared.flatten(), dim=0) > 0.8
 
 
-def test_outliers_ride_along_without_reaching_the_sum_head(train_slice):
+def test_outliers_ride_along_without_reaching_the_sum_head(train_slice, outliers):
     recipe = helpers.Recipe(batch_size=32, outliers=4)
-    batch = next(helpers.TrainingData(train_slice.first(64), recipe).epoch())
+    batch = next(helpers.TrainingData(train_slice.first(64), recipe, outliers).epoch())
     assert batch.images.shape == (32, 1, 28, 28) and batch.outliers.shape == (4, 1, 28, 28)
-    plain = next(helpers.TrainingData(train_slice.first(64), helpers.Recipe(batch_size=32, outliers=0)).epoch())
-    assert plain.outliers is None and torch.equal(plain.labels, batch.labels)  # same order
+    for plain in (helpers.TrainingData(train_slice.first(64), helpers.Recipe(batch_size=32, outliers=0), outliers),
+                  helpers.TrainingData(train_slice.first(64), recipe)):  # none asked for, or none given
+        first = next(plain.epoch())
+        assert first.outliers is None and torch.equal(first.labels, batch.labels)  # the same order
     assert float(helpers.outlier_loss(torch.zeros(3, 10))) == pytest.approx(np.log(10))  # no preference
     assert float(helpers.outlier_loss(torch.eye(3, 10) * 10)) > 5
     model = helpers.new_model(0)
-    optimizer = helpers.adam(model.parameter_groups(0.01))
-    seen = []
-    hook = model.sum_head.register_forward_hook(lambda m, inputs, out: seen.append(len(inputs[0])))
-    helpers.train_step(model, optimizer, batch, helpers.Precision("fp32", "cpu"), outlier_weight=0.25)
-    hook.remove()
-    assert seen and set(seen) == {32}
+    optimizer = helpers.Optimizer(model.parameter_groups(0.01), 10, helpers.Precision("fp32", "cpu"))
+    seen, sum_loss = [], model.sum_head.training_loss
+    model.sum_head.training_loss = lambda logits, *rest: seen.append(len(logits)) or sum_loss(logits, *rest)
+    helpers.train_step(model, optimizer, batch, outlier_weight=0.25)
+    assert seen == [32]  # the digits only
 
 
-def test_each_epoch_draws_its_outliers_from_one_bank_made_before_the_first(train_slice):
-    """The bank holds as many pictures as one epoch draws (at most 4,096); each epoch draws
-    them afresh, turned or flipped by one of the square's 8 symmetries."""
-    data = helpers.TrainingData(train_slice.first(320), helpers.Recipe(batch_size=32, outliers=8))
-    bank = data.outliers.pictures
-    assert bank.shape == (80, 1, 28, 28)
+def test_each_epoch_draws_its_outliers_from_one_bank_made_before_the_first(train_slice, outliers):
+    """The bank is made once, before training (`pictures.draw_outliers`); each epoch draws from
+    it afresh, turned or flipped by one of the square's 8 symmetries."""
+    data = helpers.TrainingData(train_slice.first(320), helpers.Recipe(batch_size=32, outliers=8), outliers[:80])
+    bank = data.outliers
+    assert bank.shape == (80, 1, 28, 28) and torch.equal(bank, helpers.normalize(outliers[:80])[:, None])
     symmetries = torch.stack([moved for flipped in (bank, bank.flip(-1)) for upright in (flipped, flipped.flip(-2))
                               for moved in (upright, upright.transpose(-1, -2))])  # [8, 80, 1, 28, 28]
     epochs = [torch.cat([batch.outliers for batch in data.epoch()]) for _ in range(2)]
@@ -136,18 +201,6 @@ def test_each_epoch_draws_its_outliers_from_one_bank_made_before_the_first(train
         assert found.any(1).any(0).all()  # every outlier drawn is a bank picture, maybe moved
         assert found.any(1).sum(1).gt(0).sum() >= 4  # and the moves vary
     assert not torch.equal(epochs[0], epochs[1])
-
-
-def test_no_picture_work_grows_with_the_epochs(train_slice, test_split, monkeypatch):
-    """OpenCV frames the outliers; with a bank, training calls it as often for 3 epochs as for 1."""
-    calls = []
-    framing = pictures._frame_outliers
-    monkeypatch.setattr(pictures, "_frame_outliers", lambda ink: calls.append(len(ink)) or framing(ink))
-    for epochs in (1, 3):
-        recipe = helpers.Recipe(epochs=epochs, batch_size=64, outliers=4, precision="fp32")
-        helpers.train(helpers.new_model(0), train_slice.first(256), test_split.first(100), recipe,
-                      progress=False, log=None)
-    assert len(calls) == 2 and calls[0] == calls[1]
 
 
 def test_training_stops_between_two_steps_when_asked(train_slice, test_split):
@@ -161,10 +214,10 @@ def test_training_stops_between_two_steps_when_asked(train_slice, test_split):
 
     model = helpers.new_model(0)
     before = [p.detach().clone() for p in model.parameters()]
-    assert helpers.train(model, split, test, recipe, progress=False, log=None, stop_requested=after(2)) == []
+    assert helpers.train(model, split, test, recipe, log=None, stop_requested=after(2)) == []
     assert len(steps) == 2 and any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     steps.clear()
-    history = helpers.train(helpers.new_model(0), split, test, recipe, progress=False, log=None,
+    history = helpers.train(helpers.new_model(0), split, test, recipe, log=None,
                             stop_requested=after(6))  # 4 steps an epoch: stops in the second
     assert [record["epoch"] for record in history] == [1] and len(steps) == 6
 
@@ -204,7 +257,7 @@ def test_recipe_names_the_setting_it_rejects(setting, message):
 
 def test_train_rejects_a_test_split_without_numbers_before_training(train_slice):
     with pytest.raises(ValueError, match="fixed numbers"):
-        helpers.train(helpers.Net(), train_slice, train_slice, log=None, progress=False)
+        helpers.train(helpers.Net(), train_slice, train_slice, log=None)
 
 
 def test_evaluate_counts_and_average_loss(trained, test_split):
