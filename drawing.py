@@ -137,9 +137,12 @@ class DigitPad(anywidget.AnyWidget):
 .dp-number { font-size: 16px; display: flex; align-items: center; gap: 10px; }
 .dp-n { font-size: 40px; font-weight: 700; line-height: 1; }
 .dp-seen { display: flex; gap: 12px; align-items: center; margin: 12px 0; }
-.dp-framed { width: 112px; height: 112px; image-rendering: pixelated; background: #000; border-radius: 4px; }
+.dp-box { width: 112px; height: 112px; background: #000; border-radius: 4px; overflow: hidden; flex: none; }
+.dp-framed { display: block; width: 112px; height: 112px; image-rendering: pixelated; }
 .dp-caption { color: #57606a; font-size: 12px; }
+.dp-answer { min-height: 40px; }
 .dp-sum { font-size: 30px; font-weight: 700; }
+.dp-sum.doubt { color: #8c959f; }
 .dp-status { display: inline-block; margin-left: 10px; padding: 1px 8px; border-radius: 10px;
   font-size: 13px; vertical-align: middle; background: #eaeef2; }
 .dp-status.sure { background: #dafbe1; color: #116329; }
@@ -173,9 +176,9 @@ const HTML = `
   <div class="dp-right">
     <div class="dp-number">number <span class="dp-n"></span>
       <button class="dp-new" title="Draw a new random number">new number</button></div>
-    <div class="dp-seen"><img class="dp-framed" alt="">
+    <div class="dp-seen"><div class="dp-box"><img class="dp-framed" alt=""></div>
       <div class="dp-caption">the 28 × 28 picture<br>that the network reads</div></div>
-    <div><span class="dp-sum"></span><span class="dp-status" hidden></span></div>
+    <div class="dp-answer"><span class="dp-sum"></span><span class="dp-status" hidden></span></div>
     <div class="dp-line"></div>
     <div class="dp-bars"></div>
   </div>`;
@@ -296,7 +299,10 @@ function showAnswer(root, rows, answer) {
   status.hidden = !answer.status;
   status.textContent = answer.status || "";
   status.className = "dp-status " + (answer.status || "").replace(" ", "-");
-  find(".dp-sum").textContent = "digit" in answer ? `${answer.digit} + ${answer.number} = ${answer.total}` : "";
+  const sum = find(".dp-sum");  // a doubtful answer in grey, with a question mark
+  sum.textContent = "digit" in answer ? `${answer.digit} + ${answer.number} = ${answer.total}` : "";
+  if (answer.status === "not sure") sum.textContent += " ?";
+  sum.classList.toggle("doubt", answer.status !== "sure");
   find(".dp-line").textContent = answer.line || "";
 }
 
