@@ -126,7 +126,7 @@ class DigitPad(anywidget.AnyWidget):
 .digit-pad button:hover { background: #eaeef2; }
 .digit-pad [hidden] { display: none !important; }
 .dp-stage { position: relative; width: 280px; height: 280px; border: 1px solid #8c959f;
-  border-radius: 6px; overflow: hidden; background: #fff; }
+  border-radius: 6px; overflow: hidden; background: #fff; touch-action: none; }
 .dp-canvas { display: block; touch-action: none; cursor: crosshair; }
 .dp-video { position: absolute; inset: 0; width: 100%; height: 100%; object-fit: cover; background: #000; }
 .dp-tools { display: flex; flex-wrap: wrap; gap: 8px; align-items: center; margin-top: 8px; width: 282px; }
@@ -184,7 +184,8 @@ const HTML = `
   </div>`;
 
 // Pen strokes on a canvas whose backing store has devicePixelRatio pixels per CSS pixel (crisp),
-// exported at SIDE x SIDE whatever the screen. Pointer events serve mouse, pen and touch alike.
+// exported at SIDE x SIDE whatever the screen. Pointer events serve mouse, pen and touch alike. A
+// stroke may start on the canvas's frame (where a tall 1 starts), not on the camera's picture.
 function pen(canvas, width, changed) {
   const ratio = window.devicePixelRatio || 1;
   canvas.width = canvas.height = Math.round(SIDE * ratio);
@@ -206,7 +207,7 @@ function pen(canvas, width, changed) {
     last = to;
   };
   const down = (event) => {
-    if (active !== null) return;  // one pen at a time: a second finger is ignored
+    if (active !== null || event.target.tagName === "VIDEO") return;  // one pen at a time
     active = event.pointerId;
     canvas.setPointerCapture(event.pointerId);
     last = at(event);
@@ -225,7 +226,7 @@ function pen(canvas, width, changed) {
     active = null;
     changed(true);
   };
-  canvas.addEventListener("pointerdown", down);
+  canvas.parentElement.addEventListener("pointerdown", down);
   canvas.addEventListener("pointermove", move);
   canvas.addEventListener("pointerup", up);
   canvas.addEventListener("pointercancel", up);

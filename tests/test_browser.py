@@ -211,10 +211,10 @@ def test_a_drawn_digit_is_sent_and_read_right(page, trained, case):
 
 
 @pytest.mark.parametrize("pen, kind, start, end", [(6, "mouse", 0, SIDE - 1), (28, "touch", 1, SIDE + 30),
-                                                   (12, "touch", 0, SIDE - 1)])
+                                                   (12, "touch", -1, SIDE - 1)])
 def test_a_tall_1_from_edge_to_edge_is_never_refused(page, trained, pen, kind, start, end):
-    """From the canvas's top edge to its bottom edge (or on past it: the pointer is captured),
-    with a mouse or a finger: a drawing, not a ruled line."""
+    """From the canvas's top edge (or its frame, just above) to its bottom edge (or on past it:
+    the pointer is captured), with a mouse or a finger: a drawing, not a ruled line."""
     set_pen(page, pen)
     stroke(page, [(150, start), (146, (start + end) / 2), (142, end)], kind)
     picture = last_picture(page)
