@@ -285,4 +285,4 @@ if __name__ == "__main__":  # python tests/drawn.py MODEL.pt [photo|drawing]
                         ("tall 1s", tall_ones(150))):
         print(f"{name}: pictures, right, not sure, refused, wrong yet sure")
         for (category, value), (total, right, unsure, refused, wrong) in sorted(measure(model, items, framing).items()):
-            print(f"  {category:6} {value:16} {total:5} {100 * right / total:6.1f} % {unsure:4} {refused:4} {wrong:4}")
+            print(f"  {category:6} {value:16} {total:5} {right:5} ({100 * right / total:5.1f} %) {unsure:4} {refused:4} {wrong:4}")
