@@ -74,7 +74,7 @@ def answer_picture(model, data_url: str, number: int, drawing: bool = True) -> d
     answer = helpers.Answer(digit_probs[0], sum_probs[0], number)
     return {"status": "sure" if answer.sure else "not sure", "line": str(answer), "picture": _png_url(framed),
             "digit_probs": [round(p, 4) for p in answer.digit_probs.tolist()], "digit": answer.digit,
-            "number": number, "total": answer.total}
+            "number": int(number), "total": answer.total}
 
 
 def _as_framed(framed):
@@ -98,6 +98,8 @@ class DigitPad(anywidget.AnyWidget):
 
     @traitlets.observe("picture", "number")
     def _read(self, _change=None):
+        """Answers the picture the browser sent last, with the number: a new picture or number
+        from the browser calls it."""
         if not self.picture.get("url"):
             self.answer = {}
             return
@@ -112,8 +114,8 @@ class DigitPad(anywidget.AnyWidget):
         return NO_WIDGET
 
     def _repr_mimebundle_(self, **kwargs):
-        """The widget, and the text shown where no widget can run (GitHub, nbval), whole: before
-        anywidget 0.9.21 (or so), ipywidgets cut the text at 110 characters."""
+        """The widget, and the text shown where no widget can run (GitHub, nbval), whole: anywidget
+        0.9.0 left it to ipywidgets, which cuts it at 110 characters (0.9.21 does not)."""
         data, metadata = super()._repr_mimebundle_(**kwargs)
         return {**data, "text/plain": NO_WIDGET}, metadata
 
@@ -161,6 +163,7 @@ class DigitPad(anywidget.AnyWidget):
 const SIDE = 280;        // px: the canvas's size on the page, and the picture's that Python reads
 const SEND_EVERY = 200;  // ms: while the pen moves, a picture goes to Python at most this often
 
+const HINT = "Draw a digit with the mouse or a finger.";
 const HTML = `
   <div class="dp-left">
     <div class="dp-stage"><canvas class="dp-canvas"></canvas>
@@ -171,7 +174,7 @@ const HTML = `
       <button class="dp-camera">Camera</button>
       <button class="dp-take" hidden>Take picture</button>
     </div>
-    <div class="dp-note">Draw a digit with the mouse or a finger.</div>
+    <div class="dp-note">${HINT}</div>
   </div>
   <div class="dp-right">
     <div class="dp-number">number <span class="dp-n"></span>
@@ -207,7 +210,7 @@ function pen(canvas, width, changed) {
     last = to;
   };
   const down = (event) => {
-    if (active !== null || event.target.tagName === "VIDEO") return;  // one pen at a time
+    if (active !== null || event.button > 0 || event.target.tagName === "VIDEO") return;  // one pen at a time
     active = event.pointerId;
     canvas.setPointerCapture(event.pointerId);
     last = at(event);
@@ -337,7 +340,7 @@ function render({ model, el }) {
     model.save_changes();
   };
   find(".dp-camera").onclick = async () => {
-    if (cam.on()) { cam.stop(); showCamera(false); note(""); return; }
+    if (cam.on()) { cam.stop(); showCamera(false); note(HINT); return; }
     showCamera(await cam.start());
   };
   find(".dp-take").onclick = () => { if (cam.on()) send(cam.picture(), true); };

@@ -282,6 +282,7 @@ def test_a_webcam_picture_of_a_digit_on_paper_is_read(page, trained, tmp_path):
     assert answer["digit"] == 7 and answer["status"] != "no digit", answer["line"]
     find(page, ".dp-camera").click()
     assert page.execute_script("return document.querySelector('.dp-video').srcObject") is None
+    assert find(page, ".dp-note").text == "Draw a digit with the mouse or a finger."
 
 
 @pytest.mark.parametrize("without, message", [
