@@ -168,7 +168,7 @@ _MAX_STROKE = 3.0  # strokes wider than MNIST's 90th percentile (2.8 px) once fr
 #                   small digit) are thinned towards _STROKE_WIDTH, by at most a quarter of their width
 
 
-def preparation_steps(image) -> dict[str, torch.Tensor]:
+def preparation_steps(image, drawing: bool = False) -> dict[str, torch.Tensor]:
     """A picture of one digit made the way MNIST was made, step by step.
 
     Returns {"picture", "ink", "kept", "cropped", "framed"}, each [H, W] float in [0, 1];
@@ -195,10 +195,12 @@ def preparation_steps(image) -> dict[str, torch.Tensor]:
        picture), thin those much wider (a marker on a small digit);
     10. crop to the kept pieces with their soft edges, fit into 20 x 20, centre by mass.
 
-    An MNIST image is already in this form and comes back nearly unchanged.
+    An MNIST image is already in this form and comes back nearly unchanged. A `drawing` (on a
+    blank canvas, as `drawing.py`'s) has no page: step 6 drops nothing as its structure, so a
+    lone stroke along the edge or across the picture, a tall 1, is the digit.
     """
     picture = _intensities(image).numpy()
-    ink, kept, floor = _found_digit(_ink_on_flat_paper(_working_copy(picture)))  # steps 1 to 7
+    ink, kept, floor = _found_digit(_ink_on_flat_paper(_working_copy(picture)), drawing)  # steps 1 to 7
     ink = _stretched(ink, kept, floor)  # step 8
     ink, kept = _even_strokes(ink, kept, _measuring_zoom(kept))  # step 9
     cropped, framed = _framed(ink, kept)  # step 10
@@ -207,12 +209,12 @@ def preparation_steps(image) -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(step) for name, step in steps.items()}
 
 
-def _found_digit(ink: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+def _found_digit(ink: np.ndarray, drawing: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
     """Steps 4 to 7 on the ink: (the ink without the page's structure; the digit's mask; the noise
     floor), or NoDigitError."""
     floor, peak = _ink_levels(ink)  # step 4
     strong = _strokes(ink, floor, peak)  # step 5
-    ink, pieces = _without_structure(ink, strong, floor)  # step 6
+    ink, pieces = _without_structure(ink, strong, floor, drawing)  # step 6
     return ink, _digit(pieces), floor  # steps 6 and 7
 
 
@@ -306,11 +308,12 @@ class _Pieces:
     structure: np.ndarray
 
     @classmethod
-    def of(cls, strong: np.ndarray) -> "_Pieces":
+    def of(cls, strong: np.ndarray, page: bool = True) -> "_Pieces":
         count, labels, stats, _ = cv2.connectedComponentsWithStats(strong.astype(np.uint8),
                                                                    connectivity=8)
         x, y, w, h, area = stats[1:].T
-        return cls(labels, x, y, w, h, area, _is_structure(labels, count, x, y, w, h, area))
+        structure = _is_structure(labels, count, x, y, w, h, area) if page else np.zeros(count - 1, bool)
+        return cls(labels, x, y, w, h, area, structure)
 
 
 def _is_structure(labels: np.ndarray, count: int, x, y, w, h, area) -> np.ndarray:
@@ -363,11 +366,11 @@ def _apart_hugging(hugging, clear, x, y, w, h, area) -> np.ndarray:
     return hugging & (gap > _PIECE_GAP * max(w[main], h[main]))
 
 
-def _without_structure(ink: np.ndarray, strong: np.ndarray, floor: float):
+def _without_structure(ink: np.ndarray, strong: np.ndarray, floor: float, drawing: bool = False):
     """Step 6, first half: (ink, pieces) with the page's structure (`_is_structure`) and its soft
     rims zeroed and the threshold taken again, if there is both structure and something else:
-    a table darker than the ink would otherwise have set the threshold."""
-    pieces = _Pieces.of(strong)
+    a table darker than the ink would otherwise have set the threshold. A drawing has none."""
+    pieces = _Pieces.of(strong, page=not drawing)
     if not pieces.structure.any() or pieces.structure.all():
         return ink, pieces
     structure = np.isin(pieces.labels, np.flatnonzero(pieces.structure) + 1).astype(np.uint8)
@@ -522,15 +525,16 @@ def _fit_and_centre(cropped: np.ndarray) -> np.ndarray:
     return framed
 
 
-def frame_digit(picture) -> torch.Tensor:
-    """A picture of one digit, framed as MNIST's digits are (see `preparation_steps`): [28, 28].
+def frame_digit(picture, drawing: bool = False) -> torch.Tensor:
+    """A picture of one digit, framed as MNIST's digits are (see `preparation_steps`; `drawing`
+    for a drawing on a blank canvas): [28, 28].
 
     The picture may be any size, grayscale or colour (PIL, NumPy [H, W] or [H, W, 3 or 4],
     tensor [H, W] or [C, H, W]; uint8 0..255 or float 0..1; transparent areas count as white
     paper), dark ink on light paper or light on dark, anywhere in the frame. A picture that
     shows no digit raises NoDigitError; a wrong call, another ValueError or a TypeError.
     """
-    return preparation_steps(picture)["framed"]
+    return preparation_steps(picture, drawing)["framed"]
 
 
 def frame_all_ink(picture) -> torch.Tensor:
