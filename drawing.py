@@ -4,7 +4,7 @@
 to draw a digit on with a mouse or a finger, a random number to add to it, and the webcam for a
 digit written on paper. As you draw, it shows the 28 x 28 picture that the network reads, the ten
 digit probabilities, and the answer with the project's one rule for "sure". Its JavaScript is
-inline (`DigitPad._esm`), so this file is all it needs beside ``helpers.py`` and ``pictures.py``.
+inline (`DigitPad._esm`), so this file is all it needs beside ``inference.py`` and ``pictures.py``.
 Where no widget can run (GitHub's page, nbval, a plain Python run), it shows one line: how to read
 a picture file instead.
 
@@ -23,13 +23,13 @@ import anywidget
 import numpy as np
 import traitlets
 
-import helpers
+import inference
 import pictures
 
-__version__ = "5.0"  # the notebooks check this: take it from the same commit as helpers.py
+__version__ = "6.0"  # as helpers.__version__: every file of the project comes from one commit
 
 NO_WIDGET = ("Draw a digit here in Colab, JupyterLab or VS Code; elsewhere read a file: "
-             "h.Answer(*h.predict_proba(model, pictures.read_image('digit.png'), 7), 7)")
+             "inference.answer(model, pictures.read_image('digit.png'), 7)")
 _DATA_URL = re.compile(r"data:image/[\w.+-]+;base64,")
 
 
@@ -70,8 +70,7 @@ def answer_picture(model, data_url: str, number: int, drawing: bool = True) -> d
         framed = pictures.frame_digit(picture, drawing=drawing)
     except pictures.NoDigitError as error:
         return {"status": "no digit", "line": str(error)}
-    digit_probs, sum_probs = helpers.read_pictures(model, [framed], [number], framing=_as_framed)
-    answer = helpers.Answer(digit_probs[0], sum_probs[0], number)
+    answer = inference.answer(model, framed, number, framing=_as_framed)
     return {"status": "sure" if answer.sure else "not sure", "line": str(answer), "picture": _png_url(framed),
             "digit_probs": [round(p, 4) for p in answer.digit_probs.tolist()], "digit": answer.digit,
             "number": int(number), "total": answer.total}

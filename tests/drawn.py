@@ -255,12 +255,12 @@ def _bins(item: Drawn) -> dict[str, str]:
 def measure(model, drawn: list[Drawn], framing) -> dict:
     """{(category, bin): [pictures, right, not sure, refused, wrong yet sure]} over `drawn`, each
     read with the number (7 * index) % 10 and prepared by `framing`; ("all", "") counts them all.
-    Right is digit and sum both right, sure or not, as `helpers.score_folder` counts."""
-    import helpers
+    Right is digit and sum both right, sure or not, as `inference.score_folder` counts."""
+    import inference
     numbers = [index * 7 % 10 for index in range(len(drawn))]
-    digit_probs, sum_probs = helpers.read_pictures(model, [item.picture for item in drawn], numbers, framing)
+    digit_probs, sum_probs = inference.read_pictures(model, [item.picture for item in drawn], numbers, framing)
     refused = digit_probs.isnan().any(1).tolist()
-    sure = helpers.is_sure(digit_probs, sum_probs, numbers).tolist()
+    sure = inference.is_sure(digit_probs, sum_probs, numbers).tolist()
     table = {}
     for index, item in enumerate(drawn):
         right = int(digit_probs[index].argmax()) == item.label and not refused[index] \
@@ -275,9 +275,9 @@ def measure(model, drawn: list[Drawn], framing) -> dict:
 if __name__ == "__main__":  # python tests/drawn.py MODEL.pt [photo|drawing]
     from functools import partial
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-    import helpers
+    import checkpoints
     import pictures
-    model = helpers.load_checkpoint(sys.argv[1])
+    model = checkpoints.load(sys.argv[1])
     framing = pictures.frame_digit
     if sys.argv[2:] == ["drawing"]:
         framing = partial(pictures.frame_digit, drawing=True)

@@ -8,6 +8,7 @@ import pytest
 import benchmark
 import checkpoints
 import cli
+import drawing
 import helpers
 import inference
 import pictures
@@ -17,11 +18,13 @@ import synthetic
 from conftest import ROOT
 
 MODULES = {"helpers": helpers, "pictures": pictures, "synthetic": synthetic, "inference": inference,
-           "checkpoints": checkpoints, "plots": plots, "cli": cli, "benchmark": benchmark, "publish": publish}
+           "checkpoints": checkpoints, "plots": plots, "drawing": drawing, "cli": cli, "benchmark": benchmark,
+           "publish": publish}
 # Who may import whom: each module only the ones before it, so no two import each other. The
 # assignment, helpers.py, needs PyTorch alone; pictures.py adds OpenCV, and knows no network.
 LAYERS = {"helpers": set(), "pictures": set(), "synthetic": set(), "inference": {"helpers", "pictures"},
           "checkpoints": {"helpers"}, "plots": {"helpers", "inference", "pictures"},
+          "drawing": {"inference", "pictures"},
           "cli": {"checkpoints", "helpers", "inference", "pictures"},
           "benchmark": {"cli", "helpers", "pictures"}, "publish": set()}
 NOTEBOOKS = sorted(ROOT.glob("*.ipynb"))
@@ -69,7 +72,7 @@ def notebook_code(path):
 
 # The project's modules as the notebooks' set-up imports them.
 IMPORTED = {"h": helpers, "pictures": pictures, "synthetic": synthetic, "inference": inference,
-            "checkpoints": checkpoints, "plots": plots}
+            "checkpoints": checkpoints, "plots": plots, "drawing": drawing}
 
 
 def module_attributes(code):
