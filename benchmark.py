@@ -54,7 +54,8 @@ def _outliers(split: h.Split, recipe: h.Recipe) -> torch.Tensor | None:
     """The pictures of no digit `train` takes, made as the command line makes them."""
     if not recipe.outliers:
         return None
-    return pictures.draw_outliers(min(pictures.OUTLIER_BANK, len(split)), recipe.seed, h.denormalize(split.images))
+    return pictures.draw_outliers(min(pictures.OUTLIER_BANK, len(split)), h.random_streams(recipe.seed)["bank"],
+                                  h.denormalize(split.images))
 
 
 def _in_memory_batches(split: h.Split, recipe: h.Recipe):
@@ -65,13 +66,16 @@ def _in_memory_batches(split: h.Split, recipe: h.Recipe):
 
 
 class _ReferenceSGD:
-    """The reference's optimizer, SGD with momentum and no schedule, as `h.train_step` takes one."""
+    """The reference's optimizer, SGD with momentum and no schedule, in fp32, as `h.train_step`
+    takes one."""
 
-    def __init__(self, model: h.Net, precision: h.Precision):
-        self.sgd, self.precision = torch.optim.SGD(model.parameters(), **_REFERENCE_SGD), precision
+    def __init__(self, model: h.Net, device):
+        self.sgd, self.precision = torch.optim.SGD(model.parameters(), **_REFERENCE_SGD), h.Precision("fp32", device)
 
     def step(self, loss: torch.Tensor):
-        self.precision.backward_and_step(loss, self.sgd)
+        self.sgd.zero_grad(set_to_none=True)
+        loss.backward()
+        self.sgd.step()
 
 
 def _images_per_second(model: h.Net, optimizer, batches, steps: int, outlier_weight: float = 0.0):
@@ -130,7 +134,7 @@ def _pipeline_rates(mnist: Dataset, train_split: h.Split, recipe: h.Recipe, step
     runs = []
     for name, feed_precision, batches, count, outlier_weight in feeds:
         model = _seeded_net(device, recipe.seed)
-        optimizer = h.Optimizer(model.parameter_groups(recipe.lr), _PIPELINE_ROUNDS * (count + 3),
+        optimizer = h.OneCycleAdam(model.parameter_groups(recipe.lr), _PIPELINE_ROUNDS * (count + 3),
                                 h.Precision(feed_precision, device))
         runs.append((name, model, optimizer, batches, count, outlier_weight))
     rates, warm_ups = {name: [] for name, *_ in runs}, []
@@ -155,7 +159,7 @@ def _reference_recipe_seconds(mnist: Dataset, device, seed: int, steps: int, log
     """The reference recipe's images/s (no BatchNorm, the logits head, SGD, batch 32, fp32) and
     so its time to 99 %, taken as _REFERENCE_EPOCHS_TO_99 epochs."""
     model = _seeded_net(device, seed, batch_norm=False, sum_head="logits")
-    rate, _ = _images_per_second(model, _ReferenceSGD(model, h.Precision("fp32", device)),
+    rate, _ = _images_per_second(model, _ReferenceSGD(model, device),
                                  _reference_batches(mnist, device, seed), steps)
     seconds = _REFERENCE_EPOCHS_TO_99 * len(mnist) / rate
     log(f"reference recipe (no BatchNorm, SGD, batch 32, fp32): {rate:.0f} images/s, so "
@@ -167,7 +171,7 @@ def _recipe_time_to_99(train_split: h.Split, test_split: h.Split, recipe: h.Reci
                       log) -> dict:
     """Trains our default model by `recipe` and reports its time to >= 99 % on both heads."""
     model = _seeded_net(train_split.images.device, recipe.seed)
-    history = h.train(model, train_split, test_split, recipe, outliers=_outliers(train_split, recipe), log=None)
+    history = h.train(model, train_split, test_split, recipe, outlier_bank=_outliers(train_split, recipe), log=None)
     final, reached = history[-1], _seconds_to_99(history)
     log(f"our recipe on {len(train_split):,} images ({recipe.epochs} epoch(s), {final['precision']}): "
         f"{sum(r['train_seconds'] for r in history):.1f} s of training; "
@@ -226,7 +230,7 @@ def operators_per_step(device, precision: str = "auto", root=None, steps: int = 
         test = h.load_split(False, root=root, device=device, limit=200)
         model, outliers = _seeded_net(device, recipe.seed), _outliers(split, recipe)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-            h.train(model, split, test, recipe, outliers=outliers, log=None)
+            h.train(model, split, test, recipe, outlier_bank=outliers, log=None)
         counts.append(_top_level_operators(profile.events()))
     return (counts[1] - counts[0]) / steps
 
@@ -255,7 +259,8 @@ def main(argv=None) -> int:
     try:
         device = h.choose_device(args.device)
         if args.operators:
-            for precision in ("fp32", *h.half_precisions(device)):
+            halves = h.half_precisions(device)[:1 if device.type == "cpu" else None]  # the CPU's fp16: too slow
+            for precision in ("fp32", *halves):
                 print(f"{precision}: {operators_per_step(device, precision, args.data):.1f} aten operators "
                       f"per training step ({h.describe_machine(device)})")
             return 0

@@ -64,6 +64,7 @@ def save(model: h.Net, path, **metadata) -> None:
             torch.save(checkpoint, file)
             file.flush()
             os.fsync(file.fileno())
+        os.chmod(temporary, 0o644)  # as a plain file would be, not mkstemp's private 0600
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -102,8 +103,8 @@ def load(path, device="cpu") -> h.Net:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at '{path}'")
-    try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    try:  # onto the CPU first: a file saved on a GPU loads anywhere, and the device is checked below
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many kinds for a damaged file
         raise _unreadable(path, error) from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != _FORMAT:

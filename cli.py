@@ -66,7 +66,7 @@ def _add_train(commands):
     recipe.add_argument("--epochs", type=positive(int), default=h.Recipe.epochs)
     recipe.add_argument("--batch-size", type=positive(int), default=h.Recipe.batch_size)
     recipe.add_argument("--lr", type=positive(float), default=h.Recipe.lr)
-    recipe.add_argument("--seed", type=int, default=h.Recipe.seed)
+    recipe.add_argument("--seed", type=positive(int, zero_allowed=True), default=h.Recipe.seed)
     recipe.add_argument("--limit", type=positive(int), default=None, help="train on the first N images")
     recipe.add_argument("--no-augment", action="store_true",
                         help="train on the images as they are, without distortions")
@@ -181,10 +181,17 @@ class _EpochSaver:
 
 @contextmanager
 def _ctrl_c_sets_flag():
-    """Inside, Ctrl-C only sets a flag, which the yielded function reads: an interrupt can never
-    land inside a half-copied tensor or a half-built progress bar."""
+    """Inside, a first Ctrl-C only sets a flag, which the yielded function reads, so that it never
+    lands inside a half-copied tensor or a half-built progress bar; a second one stops at once."""
     flag = threading.Event()
-    previous = signal.signal(signal.SIGINT, lambda *_: flag.set())
+
+    def interrupted(*_):
+        if flag.is_set():
+            raise KeyboardInterrupt
+        flag.set()
+        _to_stderr("stopping after this step (Ctrl-C again to stop at once)")
+
+    previous = signal.signal(signal.SIGINT, interrupted)
     try:
         yield flag.is_set
     finally:
@@ -200,8 +207,8 @@ def _train_command(args):
     train_split = h.load_split(True, root=args.data, device=device, limit=args.limit)
     test_split = h.load_split(False, root=args.data, device=device)
     model = h.new_model(recipe.seed, device, batch_norm=not args.no_batch_norm, sum_head=args.sum_head)
-    outliers = pictures.draw_outliers(min(pictures.OUTLIER_BANK, len(train_split)), recipe.seed,
-                                      h.denormalize(train_split.images)) if recipe.outliers else None
+    bank = pictures.draw_outliers(min(pictures.OUTLIER_BANK, len(train_split)), h.random_streams(recipe.seed)["bank"],
+                                  h.denormalize(train_split.images)) if recipe.outliers else None
     say = None if args.json else print
     saver = _EpochSaver(model, out, seed=recipe.seed, epochs=recipe.epochs, holdout=recipe.holdout)
 
@@ -211,7 +218,7 @@ def _train_command(args):
             print(json.dumps({k: v for k, v in history[-1].items() if k != "step_losses"}), flush=True)
 
     with _ctrl_c_sets_flag() as stop_requested:
-        history = h.train(model, train_split, test_split, recipe, outliers=outliers, log=say,
+        history = h.train(model, train_split, test_split, recipe, outlier_bank=bank, log=say,
                           on_epoch=finished, stop_requested=stop_requested)
     if len(history) < recipe.epochs:
         _to_stderr(f"interrupted: saved the model of epoch {saver.epochs_saved}/{recipe.epochs} "

@@ -3,10 +3,11 @@
 This file is the assignment, in the order the notebook tells its story: device and precision,
 data, model, training and evaluation. It needs PyTorch and torchvision only. Beside it, each in a
 module named for its job: ``pictures.py`` reads any picture and frames it as MNIST's digits are,
-and draws the pictures of no digit that training shows; ``inference.py`` uses a trained network
-on pictures; ``checkpoints.py`` saves and loads one; ``cli.py`` is the command line
-(``python cli.py --help``); ``plots.py`` draws the notebooks' figures; ``drawing.py`` is the
-drawing pad; ``benchmark.py`` measures training speed.
+and draws the pictures of no digit that training shows; ``synthetic.py`` makes pictures to test
+on; ``inference.py`` uses a trained network on pictures; ``checkpoints.py`` saves and loads one;
+``cli.py`` is the command line (``python cli.py --help``); ``plots.py`` draws the notebooks'
+figures; ``drawing.py`` is the drawing pad; ``benchmark.py`` measures training speed;
+``publish.py`` names the repository of a published copy.
 
 Three conventions hold in every function:
 - device: only entry points choose one, with `choose_device` (the command line, the benchmark,
@@ -47,32 +48,22 @@ TEST_NUMBERS_SEED = 2024  # fixed, so every run scores the same test pairs
 
 # ----------------------------------------------------------------------------- device and precision
 
+# The one policy for where and how the network computes. Entry points (the command line, the
+# benchmark, the notebooks' first cell) pick a device with `choose_device`; every other function
+# follows the tensors it is given. `Precision` resolves a precision's name once, for the device,
+# by `choose_precision`:
 #
-# The one policy for where and how the network computes.
+#   device  "auto" gives                                         may also ask for
+#   cpu     bf16 where the CPU computes it natively (AVX512-BF16  fp32; bf16 and fp16, emulated
+#           or AMX), else fp32                                   where it lacks them (slow)
+#   cuda    bf16 from compute capability 8.0 (A100, L4, H100),   fp32; fp16 from 7.0; bf16
+#           fp16 from 7.0 (V100, T4), fp32 below                 from 8.0
+#   mps     fp32: mixed precision there is unmeasured            nothing else
 #
-# Device: entry points (the command line, the benchmark, the notebooks' first cell) pick one with
-# `choose_device`; every other function follows the tensors it is given.
-#
-# Precision: `Precision` resolves a name ("auto" included) once, for the device at hand, by
-# `choose_precision`:
-#
-#   device  "auto" gives                                     may also ask for
-#   cpu     bf16 where the CPU computes it natively            fp32; bf16 and fp16 anywhere,
-#           (AVX512-BF16 or AMX), else fp32                    emulated where the CPU lacks them
-#                                                              (slower than fp32, but the same
-#                                                              code path as on a GPU)
-#   cuda    bf16 from compute capability 8.0 (A100, L4, H100); fp32; fp16 from 7.0; bf16 only
-#           fp16 with a gradient scaler from 7.0 (V100, T4);   from 8.0
-#           fp32 below (older GPUs have no fast fp16)
-#   mps     fp32: mixed precision there is unmeasured          nothing else
-#
-# Only the digit reader's convolutions run in bf16 or fp16 (`Precision.autocast`); the weights,
-# the optimizer, the sum head and the losses stay fp32. fp16 always comes with its gradient
-# scaler, and on the CPU and CUDA the optimizer is fused Adam, which takes the scaler's overflow
-# flag on the device: no training step waits for the host. Every score and every answer (`evaluate`, `predict`)
-# is computed in plain fp32 (`exact_fp32`: autocast off, and no TF32 on CUDA), so a model gives
-# the same answers whatever it was trained in. Training in "fp32" on a GPU of compute capability
-# 8.0 or later does let cuDNN use TF32 in its convolutions, PyTorch's default.
+# Only the digit reader's convolutions compute in 16 bits (`Precision.autocast`); the weights, the
+# optimizer, the sum head and the losses stay fp32, and fp16 always comes with its gradient scaler.
+# Every score and answer is computed in plain fp32 (`exact_fp32`), so a model answers the same
+# whatever it was trained in.
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _HALF_TYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -176,18 +167,6 @@ class Precision:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=_HALF_TYPES[self.name])
 
-    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer):
-        """The backward pass and the optimizer's step; in fp16 through the scaler, which skips a
-        step whose gradients overflowed and adjusts its scale on the device."""
-        optimizer.zero_grad(set_to_none=True)
-        if self.scaler is None:
-            loss.backward()
-            optimizer.step()
-            return
-        self.scaler.scale(loss).backward()
-        self.scaler.step(optimizer)
-        self.scaler.update()
-
 
 @contextmanager
 def exact_fp32(device: torch.device):
@@ -207,38 +186,44 @@ def exact_fp32(device: torch.device):
             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def adam(groups: list[dict]) -> torch.optim.Adam:
-    """Adam over parameter `groups`, fused on the CPU and CUDA: one kernel a step, which reads
-    nothing back to the host (its step count stays a tensor) and, under fp16's scaler, skips an
-    overflowed step on the device instead of reading the overflow flag on the host."""
-    fused = all(p.device.type in ("cpu", "cuda") for group in groups for p in group["params"])
-    return torch.optim.Adam(groups, fused=fused or None)
+class OneCycleAdam:
+    """The optimizer of every training loop here: Adam over parameter `groups`, with a one-cycle
+    schedule over `total_steps` that peaks at each group's lr, stepping as `precision` says.
 
-
-class Optimizer:
-    """Adam over parameter `groups` with a one-cycle schedule over `total_steps`, peaking at each
-    group's lr, stepping as `precision` says: the one optimizer of every training loop here."""
+    On the CPU and CUDA, Adam is fused: one kernel a step, which reads nothing back to the host
+    (its step count stays a tensor) and, under fp16's gradient scaler, skips an overflowed step
+    on the device instead of reading the overflow flag on the host."""
 
     def __init__(self, groups: list[dict], total_steps: int, precision: Precision):
         if not isinstance(precision, Precision):
             raise TypeError(f"precision must be a Precision, such as Precision('auto', device), so that "
                             f"fp16 keeps its gradient scaler from step to step; got {precision!r}")
-        self.adam, self.precision = adam(groups), precision
+        fused = all(p.device.type in ("cpu", "cuda") for group in groups for p in group["params"])
+        self.adam, self.precision = torch.optim.Adam(groups, fused=fused or None), precision
         self.schedule = torch.optim.lr_scheduler.OneCycleLR(
             self.adam, max_lr=[group["lr"] for group in groups], total_steps=total_steps)
 
     def step(self, loss: torch.Tensor):
-        """The backward pass of `loss`, Adam's step (skipped by fp16's scaler if the gradients
-        overflowed) and the schedule's."""
-        self.precision.backward_and_step(loss, self.adam)
+        """The backward pass of `loss`, Adam's step and the schedule's. In fp16 the scaler
+        multiplies the loss first, divides the gradients back, skips a step whose gradients
+        overflowed, and adjusts its scale, all on the device."""
+        self.adam.zero_grad(set_to_none=True)
+        scaler = self.precision.scaler
+        if scaler is None:
+            loss.backward()
+            self.adam.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(self.adam)
+            scaler.update()
         self.schedule.step()
 
 
 def memory_format(device: torch.device) -> torch.memory_format:
     """channels_last on the CPU, where convolutions train about 1.4 times as fast with it, and on
-    CUDA, as PyTorch's performance guide advises for 16-bit convolutions on tensor cores (not yet
-    measured here: no GPU has been lent). Not on MPS: its convolutions' backward gave wrong
-    results with it in torch 2.5 (pytorch issues 140902 and 142344)."""
+    CUDA, as PyTorch's performance guide advises for 16-bit convolutions on tensor cores. Not on
+    MPS: its convolutions' backward gave wrong results with it in torch 2.5 (pytorch issues 140902
+    and 142344)."""
     return torch.contiguous_format if device.type == "mps" else torch.channels_last
 
 
@@ -324,7 +309,7 @@ def load_mnist(train: bool, *, root=None, transform=_MNIST_TRANSFORM) -> dataset
 def mnist_test_sample(count: int, seed: int = 0, *, root=None) -> tuple[np.ndarray, torch.Tensor]:
     """`count` MNIST *test* digits (uint8 [count, 28, 28]) and their labels, drawn without
     repeats from `seed`: handwriting by writers the network never trained on, for
-    `pictures.photo_digits` and `pictures.clean_digits` to draw."""
+    `synthetic.photo_digits` and `synthetic.clean_digits` to draw."""
     mnist = load_mnist(False, root=root, transform=None)
     order = np.random.default_rng(seed).permutation(len(mnist.data))[:count]
     return mnist.data[order].numpy(), mnist.targets[order]
@@ -693,16 +678,23 @@ def layer_shapes(model: Net, images: torch.Tensor, numbers: torch.Tensor) -> lis
 # ----------------------------------------------------------------------------- training
 
 
-STREAMS = ("order", "numbers", "augment", "outliers")  # training's random choices, a stream each
+# A run's random choices, a stream each: the weights' start, the pictures of no digit (made once,
+# `pictures.draw_outliers`), and each epoch's order, numbers, distortions and outliers.
+STREAMS = ("weights", "bank", "order", "numbers", "augment", "outliers")
+
+
+def _stream_seeds(seed: int) -> dict[str, int]:
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a whole number, 0 or more, got {seed!r}")
+    children = np.random.SeedSequence(seed).spawn(len(STREAMS))
+    return {name: int(child.generate_state(1)[0]) for name, child in zip(STREAMS, children)}
 
 
 def random_streams(seed: int) -> dict[str, torch.Generator]:
     """A CPU generator for each of STREAMS, seeded from `seed` through NumPy's SeedSequence, so
-    the streams are independent of each other and across seeds (seed 1's order is not seed 0's
-    augmentation). Drawn on the CPU, so a seed repeats them on every device."""
-    children = np.random.SeedSequence(seed).spawn(len(STREAMS))
-    return {name: torch.Generator().manual_seed(int(child.generate_state(1)[0]))
-            for name, child in zip(STREAMS, children)}
+    that the streams are independent of each other and across seeds (seed 1's order is not seed
+    0's augmentation). On the CPU, so a seed repeats them on every device."""
+    return {name: torch.Generator().manual_seed(value) for name, value in _stream_seeds(seed).items()}
 
 
 def _epoch_order(labels: torch.Tensor, streams: dict, holdout: torch.Tensor | None = None):
@@ -755,18 +747,17 @@ def augment(images: torch.Tensor, distortions: torch.Tensor) -> torch.Tensor:
     on the CPU: each image is rotated, scaled and shifted (one affine warp); its strokes are
     moved towards the 3 x 3 maximum (thicker) or minimum (thinner); and the chosen few are
     softened. Batched tensor ops on the images' device, which the host never waits for: every
-    choice is made on the CPU and copied over at once."""
+    choice is made on the CPU and copied over at once, without waiting."""
     angle, scale, shift_x, shift_y, pick, weight, soft = distortions.T
     cos, sin = angle.cos() / scale, angle.sin() / scale
-    warp = torch.stack([cos, -sin, shift_x / 14, sin, cos, shift_y / 14,  # 14 px: half the image
-                        torch.where(pick < _AUGMENT_THICKER, 1.0, -1.0),  # thicker, or thinner
-                        weight * (pick < _AUGMENT_THICKER + _AUGMENT_THINNER)], 1)  # 0: neither
-    warp = to_device(warp, images.device)
-    theta, sign, weight = warp[:, :6].view(-1, 2, 3), warp[:, 6, None, None, None], warp[:, 7, None, None, None]
+    theta = torch.stack([cos, -sin, shift_x / 14, sin, cos, shift_y / 14], 1).view(-1, 2, 3)  # 14 px: half
+    sign = torch.where(pick < _AUGMENT_THICKER, 1.0, -1.0).view(-1, 1, 1, 1)  # +1 thicker, -1 thinner,
+    weight = (weight * (pick < _AUGMENT_THICKER + _AUGMENT_THINNER)).view(-1, 1, 1, 1)  # or 0: neither
+    parts = (theta, sign, weight, soft.nonzero()[:, 0])
+    theta, sign, weight, softened = (to_device(part, images.device) for part in parts)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     ink = F.grid_sample(images - _PAPER, grid, align_corners=False)  # 0 on the paper, which the
     ink = torch.lerp(ink, sign * _max3x3(sign * ink), weight)  # warp brings in from outside
-    softened = to_device(soft.nonzero()[:, 0], images.device)
     return ink.index_copy(0, softened, _softened(ink[softened])) + _PAPER
 
 
@@ -793,7 +784,7 @@ class Batch:
     outliers: torch.Tensor | None = None
 
 
-def train_step(model: Net, optimizer: Optimizer, batch: Batch, outlier_weight: float = 0.0) -> torch.Tensor:
+def train_step(model: Net, optimizer: OneCycleAdam, batch: Batch, outlier_weight: float = 0.0):
     """One optimizer step on a batch, in the optimizer's precision. Returns the two parts of the
     loss it minimized, [digit, sum], still on the device: reading them would make the CPU wait.
 
@@ -820,13 +811,9 @@ def train_step(model: Net, optimizer: Optimizer, batch: Batch, outlier_weight: f
 
 @contextmanager
 def _progress_bar(steps: int, desc: str, disable: bool = False):
-    """A tqdm bar over range(steps) that redraws at most every 2 s.
-
-    Few redraws, because in a notebook each is a message to the front end, and nbval's kernel
-    client drops messages (and fails the cell) past about a thousand per cell. A notebook bar's
-    saved text, which static renderers such as GitHub show, is captured when the bar appears;
-    it is rendered again when the bar closes, so it reads finished rather than 0 %.
-    """
+    """A tqdm bar over range(steps) that redraws at most every 2 s: in a notebook each redraw is a
+    message, and nbval's client fails a cell past about a thousand. A notebook bar's saved text
+    (what GitHub shows) is rendered again when it closes, so that it reads finished, not 0 %."""
     from tqdm.notebook import tqdm as notebook_tqdm
     in_notebook = issubclass(tqdm, notebook_tqdm) and not disable
     bar = tqdm(range(steps), desc=desc, disable=disable, mininterval=2,
@@ -861,9 +848,11 @@ class Recipe:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"{name} must be a whole number, got {value!r}")
-        for name, least in (("epochs", 1), ("batch_size", 1), ("outliers", 0)):
+        for name, least in (("epochs", 1), ("batch_size", 1), ("outliers", 0), ("seed", 0)):
             if getattr(self, name) < least:
                 raise ValueError(f"{name} must be at least {least}, got {getattr(self, name)}")
+        if self.augment > 2:  # stronger, a digit may be scaled to nothing
+            raise ValueError(f"augment must be at most 2, got {self.augment}")
         for name in ("lr", "augment", "outlier_weight"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
@@ -871,19 +860,34 @@ class Recipe:
                                  f"finite, got {value}")
 
 
+def _checked_bank(bank) -> torch.Tensor:
+    """Pictures of no digit as intensities [K, 1, 28, 28], from [K, 28, 28] or [K, 1, 28, 28],
+    uint8 or floats in [0, 1]; or one clear error."""
+    bank = torch.as_tensor(bank)
+    if bank.dim() not in (3, 4) or bank.shape[-2:] != (28, 28) or (bank.dim() == 4 and bank.shape[1] != 1) \
+            or len(bank) == 0:
+        raise ValueError(f"outlier_bank must be pictures [K, 28, 28] or [K, 1, 28, 28], K at least 1 "
+                         f"(pictures.draw_outliers makes them); got shape {list(bank.shape)}")
+    bank = bank.float() / 255 if bank.dtype == torch.uint8 else bank.float()
+    if bank.min() < 0 or bank.max() > 1:
+        raise ValueError("outlier_bank must hold intensities in [0, 1] (or uint8 0..255)")
+    return bank.reshape(-1, 1, 28, 28)
+
+
 class TrainingData:
     """The training split served one epoch at a time, as `train` consumes it: each epoch has a
     fresh order and fresh numbers (never a held-out pair), distorted images unless
-    `recipe.augment` is 0, and `recipe.outliers` of the pictures of no digit `outliers`
+    `recipe.augment` is 0, and `recipe.outliers` of the pictures of no digit `outlier_bank`
     (intensities [K, 28, 28], made once a run by `pictures.draw_outliers`; None: none) with each
     batch, each flipped or turned at random. Seeded by `recipe.seed`, a stream per choice."""
 
-    def __init__(self, split: Split, recipe: Recipe, outliers: torch.Tensor | None = None):
+    def __init__(self, split: Split, recipe: Recipe, outlier_bank: torch.Tensor | None = None):
         self.split, self.recipe = split, recipe
         self.holdout = None if recipe.holdout is None else _pairs_table(recipe.holdout)
         self.streams = random_streams(recipe.seed)
-        self.outliers = None if outliers is None or not recipe.outliers else \
-            normalize(torch.as_tensor(outliers, dtype=torch.float32).reshape(-1, 1, 28, 28)).to(split.images.device)
+        self.outliers = None
+        if outlier_bank is not None and recipe.outliers and recipe.outlier_weight:
+            self.outliers = normalize(_checked_bank(outlier_bank)).to(split.images.device)
 
     def __len__(self):
         """Batches per epoch."""
@@ -900,7 +904,8 @@ class TrainingData:
         symmetries of the square: still no digit), on the device."""
         count, device = len(self) * self.recipe.outliers, self.outliers.device
         generator = self.streams["outliers"]
-        chosen = self.outliers[to_device(torch.randint(len(self.outliers), (count,), generator=generator), device)]
+        chosen = torch.randint(len(self.outliers), (count,), generator=generator)
+        chosen = self.outliers[to_device(chosen, device)]
         flip_x, flip_y, turn = to_device(torch.rand(3, count, 1, 1, 1, generator=generator) < 0.5, device)
         chosen = torch.where(flip_x, chosen.flip(-1), chosen)
         chosen = torch.where(flip_y, chosen.flip(-2), chosen)
@@ -908,8 +913,9 @@ class TrainingData:
 
     def epoch(self):
         """One epoch of `Batch`es, on the split's device. Every random choice (order, numbers,
-        distortions, outliers) is drawn at once on the CPU and copied to the device once, and
-        the images are distorted _AUGMENT_CHUNK at a time: a step only slices what is ready."""
+        distortions, outliers) is drawn on the CPU and copied to the device without waiting, once
+        an epoch or once a chunk: the images are distorted _AUGMENT_CHUNK at a time, and a step
+        only slices what is ready."""
         split, size, per_batch = self.split, self.recipe.batch_size, self.recipe.outliers
         order, numbers = _epoch_order(split.labels, self.streams, self.holdout)
         labels, outliers = split.labels[order], self._outliers() if self.outliers is not None else None
@@ -943,27 +949,26 @@ def _check_places(model: Net, train_split: Split, test_split: Split) -> torch.de
 
 
 def train(model: Net, train_split: Split, test_split: Split, recipe: Recipe = Recipe(), *,
-          outliers: torch.Tensor | None = None, log=print, on_epoch=None, stop_requested=None) -> list[dict]:
-    """Adam with a one-cycle schedule; fresh order, numbers and distortions every epoch, and
-    with each batch `recipe.outliers` of the pictures of no digit `outliers` (see TrainingData;
-    None trains without them, and `log` says so).
+          outlier_bank: torch.Tensor | None = None, log=print, on_epoch=None,
+          stop_requested=None) -> list[dict]:
+    """Trains `model` (on the splits' device) by `recipe`, with `recipe.outliers` pictures of no
+    digit from `outlier_bank` in each batch (`TrainingData`; None: none, and `log` says so).
 
-    The model must be on the splits' device; its weights are switched to `memory_format`'s (the
-    same values). A progress bar shows each epoch, and after it `log` gets the test line (None:
-    no bar and no line) and `on_epoch` the history so far.
-    Returns one dict per finished epoch: `epoch`, `train_seconds`, `precision`, `train_loss`
-    (the mean of the digit's and the sum head's training losses over the epoch),
-    `evaluate(...).summary()`, and `step_losses`, each step's [digit, sum] training losses.
-    `stop_requested` is asked after every step; once it answers True, training stops there and
-    returns the epochs finished so far (the model keeps the weights of that last step).
+    A progress bar shows each epoch, then `log` gets the test line (None: no bar, no line) and
+    `on_epoch` the history. Returns a dict per finished epoch: `epoch`, `train_seconds`,
+    `precision`, `train_loss` (the mean of the digit's and the sum head's training losses),
+    `evaluate(...).summary()`, and `step_losses` ([digit, sum] per step). `stop_requested` is
+    asked after every step; once it answers True, training stops there.
     """
     device = _check_places(model, train_split, test_split)
     precision = Precision(recipe.precision, device)
     model.to(memory_format=memory_format(device))
-    data = TrainingData(train_split, recipe, outliers)
-    if log and recipe.outliers and outliers is None:
-        log("no pictures of no digit given (outliers=): training without outlier exposure")
-    optimizer = Optimizer(model.parameter_groups(recipe.lr), recipe.epochs * len(data), precision)
+    data = TrainingData(train_split, recipe, outlier_bank)
+    if log and recipe.outliers and outlier_bank is None:
+        log("no pictures of no digit given (outlier_bank=): training without outlier exposure")
+    if log and precision.name == "fp16" and device.type == "cpu":
+        log("fp16 on a CPU is emulated, and its backward pass is very slow: bf16 or fp32 train far faster")
+    optimizer = OneCycleAdam(model.parameter_groups(recipe.lr), recipe.epochs * len(data), precision)
     history = []
     for epoch in range(1, recipe.epochs + 1):
         model.train()
@@ -988,6 +993,19 @@ def train(model: Net, train_split: Split, test_split: Split, recipe: Recipe = Re
     return history
 
 
+def seconds_per_step(model: Net, batch: Batch, precision: Precision, steps: int = 20) -> float:
+    """How long one `train_step` of `model` on `batch` takes in `precision`, on average over
+    `steps` steps after 5 to warm up (the device's one-time set-up): to compare precisions."""
+    optimizer = OneCycleAdam(model.parameter_groups(Recipe.lr), steps + 5, precision)
+    for step in range(steps + 5):
+        if step == 5:
+            synchronize(precision.device)
+            started = time.perf_counter()
+        train_step(model, optimizer, batch, Recipe.outlier_weight)
+    synchronize(precision.device)
+    return (time.perf_counter() - started) / steps
+
+
 @contextmanager
 def _seeded(seed: int):
     """Inside, the CPU's random generator starts from `seed`; after, the caller's generators
@@ -998,9 +1016,10 @@ def _seeded(seed: int):
 
 
 def new_model(seed: int = 0, device: torch.device | str = "cpu", **config) -> Net:
-    """A `Net(**config)` whose weights start from `seed`, on `device`; the caller's random
-    generators are left as they were. The same seed gives the same start on every device."""
-    with _seeded(seed):  # built on the CPU, then moved
+    """A `Net(**config)` whose weights start from `seed`'s "weights" stream, on `device`; the
+    caller's random generators are left as they were. The same seed gives the same start on
+    every device."""
+    with _seeded(_stream_seeds(seed)["weights"]):  # built on the CPU, then moved
         model = Net(**config)
     return model.to(device)
 
@@ -1011,23 +1030,25 @@ def train_sum_head(kind: str | SumHead, digit_logits: torch.Tensor, labels: torc
     trained in place), trained alone on the frozen digit logits of a trained network, on their
     device.
 
-    The same loss, optimizer, schedule and random streams as `train` (and `recipe.holdout`), in
-    seconds rather than minutes, because no convolution runs. `sum_classes` [19], if given, is
-    the class each true sum is taught as: a permutation scrambles the labels.
+    The same loss, optimizer, schedule and random streams as `train` (and `recipe.holdout`; in
+    fp32, with no pictures, so no augmentation nor outliers), in seconds rather than minutes.
+    `sum_classes` [19], if given, is the class each true sum is taught as: a permutation
+    scrambles the labels.
     """
-    with _seeded(recipe.seed):  # built on the CPU from a seeded start, then moved
+    with _seeded(_stream_seeds(recipe.seed)["weights"]):  # built on the CPU, then moved
         head = (_make_sum_head(kind) if isinstance(kind, str) else kind).to(digit_logits.device).train()
     streams = random_streams(recipe.seed)
     holdout = None if recipe.holdout is None else _pairs_table(recipe.holdout)
     classes = (torch.arange(NUM_SUMS) if sum_classes is None else sum_classes).to(labels.device)
     steps = math.ceil(len(labels) / recipe.batch_size)
-    optimizer = Optimizer(_parameter_groups(recipe.lr, head), recipe.epochs * steps,
+    optimizer = OneCycleAdam(_parameter_groups(recipe.lr, head), recipe.epochs * steps,
                           Precision("fp32", digit_logits.device))
     for _ in range(recipe.epochs):
         order, numbers = _epoch_order(labels, streams, holdout)
         for start in range(0, len(labels), recipe.batch_size):
             index, number = order[start:start + recipe.batch_size], numbers[start:start + recipe.batch_size]
-            optimizer.step(head.training_loss(digit_logits[index], _as_one_hot(number), classes[labels[index] + number]))
+            sums = classes[labels[index] + number]
+            optimizer.step(head.training_loss(digit_logits[index], _as_one_hot(number), sums))
     return head.eval()
 
 
@@ -1035,7 +1056,7 @@ def sum_accuracy(head: SumHead, digit_logits: torch.Tensor, labels: torch.Tensor
                  numbers: torch.Tensor, sum_classes: torch.Tensor | None = None) -> float:
     """The share of (digit logits, number) pairs whose sum `head` answers right; with
     `sum_classes`, right under those class names (see `train_sum_head`)."""
-    with torch.no_grad():
+    with torch.no_grad(), exact_fp32(digit_logits.device):
         answers = head(digit_logits, _as_one_hot(numbers)).argmax(1)
     sums = labels + numbers
     truth = sums if sum_classes is None else sum_classes.to(sums.device)[sums]
@@ -1043,12 +1064,6 @@ def sum_accuracy(head: SumHead, digit_logits: torch.Tensor, labels: torch.Tensor
 
 
 # ----------------------------------------------------------------------------- evaluation
-
-
-def cross_entropies(digit_log_probs, sum_log_probs, labels, sums) -> torch.Tensor:
-    """[the digit's cross-entropy, the sum's], each averaged over the batch, from the two heads'
-    log-probabilities. The test line's loss is their mean."""
-    return torch.stack([F.nll_loss(digit_log_probs, labels), F.nll_loss(sum_log_probs, sums)])
 
 
 @dataclass
@@ -1099,20 +1114,22 @@ def digit_logits_of(model: Net, split: Split, batch_size: int = 1000) -> torch.T
 
 @torch.no_grad()
 def evaluate(model: Net, split: Split, batch_size: int = 1000) -> Evaluation:
-    """Average loss, accuracies, consistency and confusion matrices on the split's numbers, in
-    exact fp32 (as `predict` answers), whatever the model was trained in."""
+    """Average loss (the mean of the digit's and the sum's cross-entropies), accuracies,
+    consistency and confusion matrices on the split's numbers, in exact fp32 (as
+    `inference.answer` answers), whatever the model was trained in."""
     if split.numbers is None:
         raise ValueError("evaluate needs a split with fixed numbers (load_split(train=False))")
     logits = digit_logits_of(model, split, batch_size)
-    digit_lp, sum_lp = F.log_softmax(logits, 1), model.sum_head(logits, _as_one_hot(split.numbers))
-    losses = cross_entropies(digit_lp, sum_lp, split.labels, split.sums)
+    with exact_fp32(logits.device):
+        digit_lp, sum_lp = F.log_softmax(logits, 1), model.sum_head(logits, _as_one_hot(split.numbers))
+    losses = torch.stack([F.nll_loss(digit_lp, split.labels), F.nll_loss(sum_lp, split.sums)])
     losses, digit_pred, sum_pred, labels, numbers = to_host(
         losses, digit_lp.argmax(1), sum_lp.argmax(1), split.labels, split.numbers)
     sums = labels + numbers
     digit_ok, sum_ok = digit_pred == labels, sum_pred == sums
     return Evaluation(
-        digit_loss=float(losses[0]), sum_loss=float(losses[1]), digit_correct=int(digit_ok.sum()), sum_correct=int(sum_ok.sum()),
-        both_correct=int((digit_ok & sum_ok).sum()),
+        digit_loss=float(losses[0]), sum_loss=float(losses[1]), digit_correct=int(digit_ok.sum()),
+        sum_correct=int(sum_ok.sum()), both_correct=int((digit_ok & sum_ok).sum()),
         consistent=int((sum_pred == digit_pred + numbers).sum()), count=len(split),
         digit_confusion=_confusion_matrix(labels, digit_pred, NUM_DIGITS),
         sum_confusion=_confusion_matrix(sums, sum_pred, NUM_SUMS),
@@ -1136,7 +1153,8 @@ def sum_accuracy_by_pair(head: SumHead, digit_logits: torch.Tensor, labels: torc
     correct = []
     for number in range(NUM_DIGITS):
         one_hot = F.one_hot(torch.full_like(labels, number), NUM_DIGITS).float()
-        right = (head(digit_logits, one_hot).argmax(1) == labels + number).float()
+        with exact_fp32(digit_logits.device):
+            right = (head(digit_logits, one_hot).argmax(1) == labels + number).float()
         correct.append(right @ digits)  # [10 digits]
     correct, counts = to_host(torch.stack(correct, 1), digits.sum(0))  # [digit, number], [digit]
     counts = counts[:, None].expand(-1, NUM_DIGITS)

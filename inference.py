@@ -56,13 +56,6 @@ def _checked_batch(images, numbers) -> tuple[list, list[int]]:
     return list(images), numbers
 
 
-def prepare_image(image) -> torch.Tensor:
-    """A picture of one digit as `Net`'s normalized input [1, 28, 28]: `pictures.frame_digit`
-    frames it as MNIST's digits are (see `pictures.preparation_steps`), from any picture (PIL,
-    NumPy or a tensor; any size, colour or grey, dark ink on light paper or light on dark)."""
-    return h.normalize(frame_digit(image))[None]
-
-
 @torch.no_grad()
 def _probabilities(model: h.Net, framed: list[torch.Tensor], numbers: list[int]):
     """Digit probabilities [B, 10] and sum probabilities [B, 19], on the CPU, for framed
@@ -75,7 +68,6 @@ def _probabilities(model: h.Net, framed: list[torch.Tensor], numbers: list[int])
                          torch.tensor(numbers[start:start + 1000], device=device))
                    for start in range(0, len(batch), 1000)]
     return [log_probs.exp() for log_probs in h.to_host(*(torch.cat(parts) for parts in zip(*answers)))]
-
 
 
 def read_pictures(model: h.Net, images, numbers, framing=frame_digit):
@@ -151,7 +143,7 @@ class Answer:
     def title(self) -> str:
         if self.sure:
             return f"{self.digit} + {self.number} = {self.total}"
-        return f"not sure ({self.digit} or {int(self.digit_probs.topk(2).indices[1])})"
+        return f"not sure: {self.digit} or {int(self.digit_probs.topk(2).indices[1])}, + {self.number}"
 
 
 def answer(model: h.Net, picture, number, framing=frame_digit) -> Answer:

@@ -3,7 +3,7 @@ pictures of no digit that training shows (outlier exposure).
 
 Nothing here knows the network. A picture goes in (a file, PIL, NumPy or a tensor) and comes out
 *framed*: [28, 28] float intensities in [0, 1], ink bright on black, the digit fitted into
-20 x 20 and centred by mass, as MNIST's digits are. ``helpers.py`` turns a framed picture into
+20 x 20 and centred by mass, as MNIST's digits are. ``inference.py`` turns a framed picture into
 the network's input and reads it.
 """
 from __future__ import annotations

@@ -70,11 +70,24 @@ def show_examples(images, labels, numbers, sums, columns=8, row_titles=()):
     _finish(figure)
 
 
+def _square(picture) -> np.ndarray:
+    """A picture padded to a square with its own median, so every thumbnail shows at one size."""
+    shown = np.asarray(picture.convert("RGB")) if hasattr(picture, "convert") else np.asarray(picture)
+    height, width = shown.shape[:2]
+    side = max(height, width)
+    fill = np.median(shown.reshape(height * width, -1), axis=0).astype(shown.dtype)
+    square = np.broadcast_to(fill, (side, side, *shown.shape[2:])).copy()
+    top, left = (side - height) // 2, (side - width) // 2
+    square[top:top + height, left:left + width] = shown
+    return square
+
+
 def show_pictures(pictures, titles, columns=6, size=2.0):
-    """Any pictures (PIL, or arrays and tensors in [0, 1]) with a title each."""
+    """Any pictures (PIL, or arrays and tensors in [0, 1]) with a title each, each padded to a
+    square so that all show at the same size."""
     figure, axes = _grid(len(pictures), columns, size=size)
     for axis, picture, title in zip(axes, pictures, titles):
-        shown = np.asarray(picture.convert("RGB")) if hasattr(picture, "convert") else np.asarray(picture)
+        shown = _square(picture)
         axis.imshow(shown, cmap="gray", vmin=0, vmax=1 if shown.dtype.kind == "f" else 255)
         axis.set_title(title, fontsize=10)
     _finish(figure)
@@ -105,63 +118,46 @@ def plot_confidence(groups: dict[str, torch.Tensor]):
     _finish(figure)
 
 
-def show_predictions(images, answers: list[inference.Answer], truths, columns=8):
-    """Each picture under its `Answer` (the short title, "not sure" included) and the true
-    digit; a picture not read right and sure in red."""
-    figure, axes = _grid(len(images), columns, size=1.6, title_lines=2)
-    for axis, image, answer, truth in zip(axes, images, answers, truths):
-        right = answer.sure and (answer.digit, answer.total) == (int(truth), int(truth) + answer.number)
-        _show(axis, torch.as_tensor(np.asarray(image)), f"{answer.title}\n(it shows a {int(truth)})",
-              color="black" if right else "firebrick")
-    _finish(figure)
-
-
-def plot_frequencies(numbers: torch.Tensor, sums: torch.Tensor, title=""):
-    """How often each number and each sum occurs."""
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.2), width_ratios=[10, 19])
-    for axis, values, classes, name in ((left, numbers, h.NUM_DIGITS, "random number"),
-                                        (right, sums, h.NUM_SUMS, "sum")):
-        axis.bar(range(classes), torch.bincount(values.cpu(), minlength=classes))
-        axis.set_xticks(range(classes))
-        axis.set(xlabel=name, ylabel="count", title=f"{name} ({title})" if title else name)
-    _finish(figure)
-
-
 def plot_history(history: list[dict], smoothing: int = 25):
-    """Left: the digit's and the sum's cross-entropy at every training step (faint), their
-    running mean over `smoothing` steps, and the test split's at the end of each epoch (dots).
-    Right: test accuracy per epoch."""
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 3.8), width_ratios=[3, 2])
+    """Left: the two parts of the training loss at every step (faint) and their running mean over
+    `smoothing` steps; the test split's cross-entropies after each epoch (dots); the epochs'
+    ends (dotted). Right: the share of test pairs answered wrong after each epoch, on a
+    logarithmic axis, so that 4 % and 0.5 % both show."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6), width_ratios=[3, 2])
     steps = torch.tensor([pair for record in history for pair in record["step_losses"]])  # [S, 2]
     per_epoch = len(history[0]["step_losses"])
     ends = [per_epoch * record["epoch"] for record in history]
     window = torch.ones(1, 1, smoothing) / smoothing
     for column, (name, colour) in enumerate((("digit", "tab:blue"), ("sum", "tab:orange"))):
-        left.plot(range(1, len(steps) + 1), steps[:, column], color=colour, alpha=0.25, linewidth=0.8)
+        left.plot(range(1, len(steps) + 1), steps[:, column], color=colour, alpha=0.25, linewidth=0.8,
+                  label=f"{name}: each training step")
         mean = F.conv1d(steps[None, None, :, column], window)[0, 0]
-        left.plot(range(smoothing, len(steps) + 1), mean, color=colour, label=f"{name}, training batches")
+        left.plot(range(smoothing, len(steps) + 1), mean, color=colour, label=f"{name}: mean of {smoothing} steps")
         left.plot(ends, [record[f"{name}_loss"] for record in history], "o", color=colour,
-                  markeredgecolor="black", label=f"{name}, test split")
-    left.set(xlabel="training step (batches of the epoch, one after another)", ylabel="cross-entropy",
-             yscale="log", title="Loss per step")
+                  markeredgecolor="black", label=f"{name}: test split, cross-entropy")
     for end in ends[:-1]:
-        left.axvline(end, color="gray", linewidth=0.8, linestyle=":")
+        left.axvline(end, color="gray", linewidth=0.8, linestyle=":", label="end of an epoch" if end == ends[0] else None)
+    left.set(xlabel="training step", ylabel="loss (log scale)", yscale="log", title="Training loss and test loss")
     epochs = [record["epoch"] for record in history]
-    for key, label, marker in (("digit_acc", "digit", "o-"), ("sum_acc", "sum", "s--"),
-                               ("both_acc", "both correct", "^:")):
-        right.plot(epochs, [100 * r[key] for r in history], marker, label=label)
-    right.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy, end of each epoch")
+    for key, label, marker in (("digit_acc", "digit", "o-"), ("sum_acc", "sum", "s--")):
+        right.plot(epochs, [100 * (1 - r[key]) for r in history], marker, label=label)
+    right.set(xlabel="epoch", ylabel="test pairs answered wrong (%, log scale)", yscale="log",
+              title="Test error after each epoch")
     right.set_xticks(epochs)
+    right.yaxis.set_major_locator(plt.FixedLocator([0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100]))
+    right.yaxis.set_major_formatter(plt.FuncFormatter(lambda value, _: f"{value:g}"))
+    right.yaxis.set_minor_formatter(plt.NullFormatter())
     for axis in (left, right):
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=9)
+        axis.grid(alpha=0.3, which="major")
+    left.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.16))
+    right.legend(fontsize=9)
     _finish(figure)
 
 
 def plot_confusions(result: h.Evaluation):
     """Digit and sum confusion matrices, each cell numbered with its count of test pairs, on one
     logarithmic colour scale so that single mistakes show; empty cells are left white."""
-    figure, axes = plt.subplots(1, 2, figsize=(14, 8), layout="constrained", width_ratios=[10, 19])
+    figure, axes = plt.subplots(1, 2, figsize=(14, 6.6), layout="constrained")
     matrices = {"digit": result.digit_confusion, "sum": result.sum_confusion}
     scale = LogNorm(vmin=1, vmax=max(int(m.max()) for m in matrices.values()))
     for axis, (name, matrix) in zip(axes, matrices.items()):
@@ -178,30 +174,28 @@ def plot_confusions(result: h.Evaluation):
         axis.tick_params(labelsize=9 if small else 10)
         axis.set(xlabel=f"predicted {name}", ylabel=f"true {name}",
                  title=f"{name.capitalize()}: {int(matrix.sum() - matrix.trace())} errors")
-    figure.colorbar(image, ax=list(axes), shrink=0.6, label="test pairs (log scale)")
+    figure.colorbar(image, ax=list(axes), shrink=0.6, label="test pairs (log scale); white: none")
     _finish(figure)
 
 
 def show_mistakes(split: h.Split, result: h.Evaluation, count=16, columns=8):
-    """Test pairs where either head is wrong: the truth, then the model's answer, coloured by
-    what is wrong (the title counts each kind). The rare pairs where only one head is wrong come
-    first, so that every kind shows. Heads that disagree read "said 6, sum 10", never as false
-    arithmetic."""
+    """Test pairs where either head is wrong, each titled with what is wrong (also its colour),
+    the truth and the answer, in one format. The rare pairs where only one head is wrong come
+    first, so that every kind shows."""
     digit_wrong, sum_wrong = result.digit_pred != split.labels.cpu(), result.sum_pred != split.sums.cpu()
-    kinds = {"red": ("digit and sum wrong", digit_wrong & sum_wrong),
-             "orange": ("digit wrong, sum right", digit_wrong & ~sum_wrong),
-             "purple": ("digit right, sum wrong", ~digit_wrong & sum_wrong)}
+    kinds = {"both wrong": ("tab:red", digit_wrong & sum_wrong),
+             "digit wrong": ("tab:orange", digit_wrong & ~sum_wrong),
+             "sum wrong": ("tab:purple", ~digit_wrong & sum_wrong)}
     index = torch.cat([wrong.nonzero().flatten() for _, wrong in reversed(kinds.values())])[:count]
-    figure, axes = _grid(len(index), columns, size=1.7, title_lines=2)
+    figure, axes = _grid(len(index), columns, size=1.7, title_lines=3)
     for axis, i in zip(axes, index.tolist()):
         number = int(split.numbers[i])
-        colour = next(colour for colour, (_, wrong) in kinds.items() if wrong[i])
-        digit, total = int(result.digit_pred[i]), int(result.sum_pred[i])
-        said = f"said {digit}+{number}={total}" if digit + number == total else f"said {digit}, sum {total}"
-        _show(axis, split.images[i], f"true {int(split.labels[i])}+{number}={int(split.sums[i])}\n{said}",
-              color=f"tab:{colour}")
-    figure.suptitle(f"{len(index)} of the {int((digit_wrong | sum_wrong).sum())} test pairs answered wrong. "
-                    + "; ".join(f"{colour}: {kind}, {int(wrong.sum())}" for colour, (kind, wrong) in kinds.items()))
+        kind, (colour, _) = next((kind, value) for kind, value in kinds.items() if value[1][i])
+        truth = f"true {int(split.labels[i])} + {number} = {int(split.sums[i])}"
+        said = f"read {int(result.digit_pred[i])}, sum {int(result.sum_pred[i])}"
+        _show(axis, split.images[i], f"{kind}\n{truth}\n{said}", color=colour)
+    figure.suptitle(f"{len(index)} of the {int((digit_wrong | sum_wrong).sum())} test pairs answered wrong: "
+                    + ", ".join(f"{kind} {int(wrong.sum())}" for kind, (_, wrong) in kinds.items()))
     _finish(figure)
 
 
@@ -223,9 +217,19 @@ def plot_pair_errors(per_pair_grids: dict, held_out=h.HOLDOUT_PAIRS):
         axis.set_xticks(range(h.NUM_DIGITS))
         axis.set_yticks(range(h.NUM_DIGITS))
         axis.set(xlabel="random number", ylabel="digit in the image", title=title)
-    figure.colorbar(image, ax=list(axes.flat), shrink=0.8, label="sums answered wrong (%, log scale)")
+    figure.colorbar(image, ax=list(axes.flat), shrink=0.8, label="sums answered wrong (%, log scale); white: none")
     figure.suptitle("Sum errors per (digit, number) pair; outlined: the pairs held out of training")
     _finish(figure)
+
+
+def plot_adder_idea(example=(3, 4)):
+    """`plot_number_line` for an adder whose positions are set by hand: digit d at d, number n at
+    n, sum s at s."""
+    ideal = h.AdderHead()
+    with torch.no_grad():
+        for positions in (ideal.digit_position, ideal.number_position, ideal.sum_position):
+            positions.copy_(torch.arange(float(len(positions))))
+    plot_number_line(ideal, "The adder's idea, with positions set by hand", example)
 
 
 def plot_number_line(head: h.SumHead, title="What the sum head learned", example=(3, 4)):

@@ -16,7 +16,6 @@ import torch
 __version__ = "6.0"  # as helpers.__version__: every file of the project comes from one commit
 
 
-
 _FONT_FILES = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf",
               "DejaVuSansMono.ttf", "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf",
               "DejaVuSerif-Italic.ttf", "STIXGeneral.ttf", "STIXGeneralItalic.ttf",
@@ -34,7 +33,7 @@ def font_digits(count: int = 500, seed: int = 0) -> tuple[list, torch.Tensor]:
     from PIL import Image, ImageDraw, ImageFont
     folder = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
     rng = np.random.default_rng(seed)
-    pictures = []
+    made = []
     for index in range(count):
         side = int(rng.integers(64, 201))
         font = ImageFont.truetype(str(folder / _FONT_FILES[rng.integers(len(_FONT_FILES))]),
@@ -53,8 +52,8 @@ def font_digits(count: int = 500, seed: int = 0) -> tuple[list, torch.Tensor]:
         paper = rng.uniform(0.6, 1.0) * light
         page = paper * (1 - ink) + rng.uniform(0, 0.3) * ink
         page = page + rng.normal(0, 0.03, page.shape).astype(np.float32)
-        pictures.append(Image.fromarray((255 * page.clip(0, 1)).round().astype(np.uint8)))
-    return pictures, torch.arange(count) % 10
+        made.append(Image.fromarray((255 * page.clip(0, 1)).round().astype(np.uint8)))
+    return made, torch.arange(count) % 10
 
 
 def _pen_stroke(digit: np.ndarray, height: int, rng) -> np.ndarray:
@@ -212,8 +211,8 @@ def photo_digits(digits, seed: int = 0) -> tuple[list, list]:
     50 to 90.
     """
     rng = np.random.default_rng(seed)
-    pictures, papers = zip(*(_photo_of(np.asarray(digit), rng) for digit in digits)) if len(digits) else ((), ())
-    return list(pictures), list(papers)
+    photos, papers = zip(*(_photo_of(np.asarray(digit), rng) for digit in digits)) if len(digits) else ((), ())
+    return list(photos), list(papers)
 
 
 def clean_digits(digits, seed: int = 0) -> list:
@@ -225,7 +224,7 @@ def clean_digits(digits, seed: int = 0) -> list:
     """
     from PIL import Image
     rng = np.random.default_rng(seed)
-    pictures = []
+    made = []
     for digit in np.asarray(digits):
         height, width = rng.integers(150, 401, size=2)
         stroke = _pen_stroke(digit, round(rng.uniform(0.3, 0.7) * min(height, width)), rng)
@@ -236,8 +235,8 @@ def clean_digits(digits, seed: int = 0) -> list:
         page = np.full((height, width), paper, np.float32)
         page[top:top + stroke.shape[0], left:left + stroke.shape[1]] -= (paper - ink) * stroke
         page += rng.normal(0, rng.uniform(0.003, 0.02), page.shape)
-        pictures.append(Image.fromarray((255 * page.clip(0, 1)).round().astype(np.uint8)))
-    return pictures
+        made.append(Image.fromarray((255 * page.clip(0, 1)).round().astype(np.uint8)))
+    return made
 
 
 _SAMPLE_PHOTOS = ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png", "logo2.png")
@@ -285,7 +284,7 @@ def nondigit_photos(count: int = 500, seed: int = 0) -> list:
     rng = np.random.default_rng(seed)
     photos = {name: Image.open(cbook.get_sample_data(name, asfileobj=False)) for name in _SAMPLE_PHOTOS}
     names = _SAMPLE_PHOTOS + _SAMPLE_GRIDS
-    pictures = []
+    made = []
     for index in range(count):
         name = names[index % len(names)]
         source = photos[name] if name in photos else _sample_grid(name, rng)
@@ -300,6 +299,6 @@ def nondigit_photos(count: int = 500, seed: int = 0) -> list:
             (max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BILINEAR)
         if not (crop.mode == "RGBA" and rng.random() < 0.5) and rng.random() < 0.8:
             crop = _phone_camera(crop.convert("RGB"), rng)
-        pictures.append(crop)
-    return pictures
+        made.append(crop)
+    return made
 

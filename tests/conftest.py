@@ -61,7 +61,7 @@ def trained(train_slice, test_split, outliers):
     """
     model = helpers.new_model(0)
     recipe = helpers.Recipe(epochs=3, batch_size=64, outliers=4, precision="fp32")  # 8 per 128, halved
-    history = helpers.train(model, train_slice, test_split.first(1000), recipe, outliers=outliers, log=None)
+    history = helpers.train(model, train_slice, test_split.first(1000), recipe, outlier_bank=outliers, log=None)
     return model, history
 
 

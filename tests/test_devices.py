@@ -110,7 +110,7 @@ def test_fp16_always_comes_with_its_scaler_and_the_others_never(monkeypatch):
         assert helpers.Precision(name, CPU).scaler is None
     assert isinstance(helpers.Precision("fp16", CPU).scaler, torch.amp.GradScaler)
     with pytest.raises(TypeError, match="Precision\\('auto', device\\)"):
-        helpers.Optimizer(helpers.Net().parameter_groups(0.01), 10, "fp16")
+        helpers.OneCycleAdam(helpers.Net().parameter_groups(0.01), 10, "fp16")
 
 
 @pytest.mark.parametrize("name", ["bf16", "fp16"])
@@ -176,7 +176,7 @@ class HostReads:
 # T4's path, not the T4's own kernels, which only .ci/gpu-check runs.
 
 def fp16_optimizer(model, steps=10):
-    return helpers.Optimizer(model.parameter_groups(0.01), steps, helpers.Precision("fp16", CPU))
+    return helpers.OneCycleAdam(model.parameter_groups(0.01), steps, helpers.Precision("fp16", CPU))
 
 
 def test_an_fp16_step_with_its_scaler_reads_nothing_back_on_the_host(monkeypatch):
@@ -220,7 +220,7 @@ def test_fp16_trains_end_to_end_and_its_checkpoint_reloads(train_slice, test_spl
     history, and its checkpoint, which gives the same answers once reloaded."""
     model = helpers.new_model(0)
     recipe = helpers.Recipe(epochs=2, batch_size=16, outliers=2, precision="fp16")
-    history = helpers.train(model, train_slice.first(32), test_split.first(200), recipe, outliers=outliers, log=None)
+    history = helpers.train(model, train_slice.first(32), test_split.first(200), recipe, outlier_bank=outliers, log=None)
     assert [record["precision"] for record in history] == ["fp16", "fp16"]
     assert all(p.dtype == torch.float32 for p in model.parameters())
     losses = torch.tensor([record["step_losses"] for record in history])
@@ -269,7 +269,7 @@ def test_the_line_heads_learn_ten_times_faster_than_the_digit_reader():
         assert [group["lr"] for group in groups] == pytest.approx(
             [0.02, 0.2 if isinstance(model.sum_head, helpers.LineHead) else 0.02]), kind
         assert sum(len(group["params"]) for group in groups) == len(list(model.parameters()))
-    optimizer = helpers.Optimizer(helpers.Net().parameter_groups(0.02), 100, helpers.Precision("fp32", CPU))
+    optimizer = helpers.OneCycleAdam(helpers.Net().parameter_groups(0.02), 100, helpers.Precision("fp32", CPU))
     for _ in range(30):  # the peak, where the one-cycle schedule has warmed up
         optimizer.adam.step()
         optimizer.schedule.step()
@@ -297,7 +297,7 @@ def test_forward_loss_and_train_step_stay_on_the_device(meta, sum_head):
     batch = small_batch(meta)
     digits, sums = model(batch.images, batch.numbers)
     assert digits.device == sums.device == meta and sums.shape == (16, 19)
-    optimizer = helpers.Optimizer(model.parameter_groups(0.01), 10, helpers.Precision("fp32", meta))
+    optimizer = helpers.OneCycleAdam(model.parameter_groups(0.01), 10, helpers.Precision("fp32", meta))
     loss = helpers.train_step(model, optimizer, batch, 0.25)
     assert loss.device == meta and all(p.device == meta for p in model.parameters())
 
@@ -308,7 +308,7 @@ def test_training_and_evaluation_stay_on_the_device(meta, train_slice, test_spli
     train, test = on(meta, train_slice.first(64)), on(meta, test_split.first(32))
     recipe = helpers.Recipe(epochs=1, batch_size=16, outliers=2, holdout=helpers.HOLDOUT_PAIRS, precision="fp32")
     model = helpers.new_model(0, meta)
-    history = helpers.train(model, train, test, recipe, outliers=outliers[:32], log=None)
+    history = helpers.train(model, train, test, recipe, outlier_bank=outliers[:32], log=None)
     assert len(history) == 1 and history[0]["precision"] == "fp32"
     assert all(p.device == meta for p in model.parameters())
     assert helpers.evaluate(model, test).count == 32
@@ -406,12 +406,12 @@ def syncs_in_an_epoch(batches, name, train_slice, test_split, outliers):
     test line), makes the host wait for the GPU, counted by CUDA's sync debug mode."""
     recipe = helpers.Recipe(epochs=1, batch_size=64, precision=name)
     train, test = on(CUDA, train_slice.first(64 * batches)), on(CUDA, test_split.first(500))
-    helpers.train(helpers.new_model(0, CUDA), train, test, recipe, outliers=outliers, log=None)  # warm-up
+    helpers.train(helpers.new_model(0, CUDA), train, test, recipe, outlier_bank=outliers, log=None)  # warm-up
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            helpers.train(helpers.new_model(0, CUDA), train, test, recipe, outliers=outliers, log=None)
+            helpers.train(helpers.new_model(0, CUDA), train, test, recipe, outlier_bank=outliers, log=None)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return sum("synchroniz" in str(warning.message) for warning in caught)

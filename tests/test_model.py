@@ -169,7 +169,7 @@ def test_every_sum_from_0_to_18_is_a_class_and_trains(sum_head):
     """9 + 9 = 18 needs the 19th class, the reference's missing one. Four pairs with four
     different sums, 0 and 18 among them, so that a head answering one sum always fails."""
     model = helpers.new_model(0, sum_head=sum_head)
-    optimizer = helpers.Optimizer(model.parameter_groups(1e-2), 60, helpers.Precision("fp32", "cpu"))
+    optimizer = helpers.OneCycleAdam(model.parameter_groups(1e-2), 60, helpers.Precision("fp32", "cpu"))
     images = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([9, 0, 4, 8]).repeat_interleave(4)
     numbers = torch.tensor([9, 0, 3, 9]).repeat_interleave(4)

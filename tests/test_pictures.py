@@ -87,8 +87,6 @@ def test_preparation_frames_the_digit_as_mnist_did(raw_test):
     assert (box.max(0).values - box.min(0).values + 1).max() == 20  # longer side fits 20 px
     likeness = torch.nn.functional.cosine_similarity(framed.flatten(), original.flatten(), dim=0)
     assert likeness > 0.85, likeness  # the same digit, not just some digit
-    prepared = inference.prepare_image(as_photo(raw_test[0]))
-    assert torch.allclose(prepared[0], helpers.normalize(pictures.preparation_steps(as_photo(raw_test[0]))["framed"]))
 
 
 PHOTO = {"paper": "ruled", "size": (700, 900), "height": 300, "at": (200, 350), "pen": 0.3,
@@ -275,7 +273,7 @@ def test_an_answer_is_sure_only_when_confident_and_the_heads_agree():
     unsure_digit[4], unsure_digit[9], unsure_digit[1] = 0.55, 0.40, 0.05
     unsure = inference.Answer(unsure_digit, one_hot(11, 19), 7)
     assert not unsure.sure and str(unsure) == "not sure: 4 (55 %) or 9 (40 %)"
-    assert unsure.title == "not sure (4 or 9)"
+    assert unsure.title == "not sure: 4 or 9, + 7"
     disagree = inference.Answer(one_hot(4, 10), one_hot(12, 19), 7)  # 4 + 7 is not 12
     assert not disagree.sure and "+ 7 = 12" not in str(disagree) and "4 + 7 = 11" not in disagree.title
     assert str(disagree) == "not sure: the digit looks like a 4 (91 %), but the sum head answers 12, not 4 + 7 = 11"
@@ -289,8 +287,8 @@ def test_an_answer_is_sure_only_when_confident_and_the_heads_agree():
 
 
 def test_the_mistakes_grid_never_prints_false_arithmetic(monkeypatch, test_split):
-    """A pair whose heads disagree reads "said 6, sum 10", not "said 6+2=10"; those rare pairs
-    come before the pairs where both heads are wrong, so that every kind shows."""
+    """Each mistake reads "<kind> / true 3 + 4 = 7 / read 5, sum 10", never "5 + 4 = 10": the rare
+    pairs where one head is wrong come before those where both are, so that every kind shows."""
     import matplotlib.pyplot as plt
     monkeypatch.setattr(plt, "show", lambda: None)
     test = test_split.first(3)
@@ -303,13 +301,11 @@ def test_the_mistakes_grid_never_prints_false_arithmetic(monkeypatch, test_split
     plots.show_mistakes(test, result)
     titles = [axis.get_title() for axis in plt.gcf().axes if axis.get_title()]
     plt.close("all")
-    assert len(titles) == 3
-    for title, i in zip(titles[:2], (1, 0)):  # digit right and sum wrong, then the other way round
-        said = title.splitlines()[1]
-        number = int(test.numbers[i])
-        assert said == f"said {int(digit_pred[i])}, sum {int(sum_pred[i])}", said
-        assert f"+{number}=" not in said
-    assert titles[2].splitlines()[0] == f"true {int(test.labels[2])}+{int(test.numbers[2])}={int(test.sums[2])}"
+    assert [title.splitlines()[0] for title in titles] == ["sum wrong", "digit wrong", "both wrong"]
+    for title, i in zip(titles, (1, 0, 2)):
+        truth, said = title.splitlines()[1:]
+        assert truth == f"true {int(test.labels[i])} + {int(test.numbers[i])} = {int(test.sums[i])}"
+        assert said == f"read {int(digit_pred[i])}, sum {int(sum_pred[i])}", said
 
 
 def test_pictures_of_no_digit_are_flagged_and_digits_are_not(trained):

@@ -86,12 +86,15 @@ def test_augment_does_what_it_says_to_every_image(test_split, seed):
 
 
 def test_each_random_choice_has_a_stream_of_its_own_for_every_seed():
-    """The order, the numbers, the augmentation and the outliers of seeds 0 to 4 are 20
-    different streams: with generators seeded seed, seed + 1 and seed + 2, seed 1's order
-    would repeat seed 0's augmentation."""
+    """The weights' start, the pictures of no digit, the order, the numbers, the augmentation and
+    the outliers of seeds 0 to 4 are 30 different streams: with generators seeded seed, seed + 1
+    and seed + 2, seed 1's order would repeat seed 0's augmentation."""
     firsts = {(seed, name): tuple(torch.rand(4, generator=generator).tolist())
               for seed in range(5) for name, generator in helpers.random_streams(seed).items()}
-    assert len(set(firsts.values())) == len(firsts) == 20
+    assert len(set(firsts.values())) == len(firsts) == 5 * len(helpers.STREAMS) == 30
+    with torch.random.fork_rng():  # the weights' start is not the global generator seeded with the seed
+        torch.manual_seed(0)
+        assert not torch.equal(helpers.Net().digit_reader.conv1.weight, helpers.new_model(0).digit_reader.conv1.weight)
     again = helpers.random_streams(3)["augment"]
     assert tuple(torch.rand(4, generator=again).tolist()) == firsts[(3, "augment")]
 
@@ -179,7 +182,7 @@ def test_outliers_ride_along_without_reaching_the_sum_head(train_slice, outliers
     assert float(helpers.outlier_loss(torch.zeros(3, 10))) == pytest.approx(np.log(10))  # no preference
     assert float(helpers.outlier_loss(torch.eye(3, 10) * 10)) > 5
     model = helpers.new_model(0)
-    optimizer = helpers.Optimizer(model.parameter_groups(0.01), 10, helpers.Precision("fp32", "cpu"))
+    optimizer = helpers.OneCycleAdam(model.parameter_groups(0.01), 10, helpers.Precision("fp32", "cpu"))
     seen, sum_loss = [], model.sum_head.training_loss
     model.sum_head.training_loss = lambda logits, *rest: seen.append(len(logits)) or sum_loss(logits, *rest)
     helpers.train_step(model, optimizer, batch, outlier_weight=0.25)
