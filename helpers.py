@@ -1113,13 +1113,13 @@ def digit_logits_of(model: Net, split: Split, batch_size: int = 1000) -> torch.T
 
 
 @torch.no_grad()
-def evaluate(model: Net, split: Split, batch_size: int = 1000) -> Evaluation:
+def evaluate(model: Net, split: Split, batch_size: int = 1000, logits: torch.Tensor | None = None) -> Evaluation:
     """Average loss (the mean of the digit's and the sum's cross-entropies), accuracies,
-    consistency and confusion matrices on the split's numbers, in exact fp32 (as
-    `inference.answer` answers), whatever the model was trained in."""
+    consistency and confusion matrices on the split's numbers, in exact fp32 (as `inference.answer`
+    answers), whatever the model was trained in; `logits`: the split's `digit_logits_of`, if at hand."""
     if split.numbers is None:
         raise ValueError("evaluate needs a split with fixed numbers (load_split(train=False))")
-    logits = digit_logits_of(model, split, batch_size)
+    logits = digit_logits_of(model, split, batch_size) if logits is None else logits
     with exact_fp32(logits.device):
         digit_lp, sum_lp = F.log_softmax(logits, 1), model.sum_head(logits, _as_one_hot(split.numbers))
     losses = torch.stack([F.nll_loss(digit_lp, split.labels), F.nll_loss(sum_lp, split.sums)])

@@ -139,8 +139,8 @@ def plot_history(history: list[dict], smoothing: int = 25):
         left.axvline(end, color="gray", linewidth=0.8, linestyle=":", label="end of an epoch" if end == ends[0] else None)
     left.set(xlabel="training step", ylabel="loss (log scale)", yscale="log", title="Training loss and test loss")
     epochs = [record["epoch"] for record in history]
-    for key, label, marker in (("digit_acc", "digit", "o-"), ("sum_acc", "sum", "s--")):
-        right.plot(epochs, [100 * (1 - r[key]) for r in history], marker, label=label)
+    for key, label, marker, size in (("digit_acc", "digit", "o-", 10), ("sum_acc", "sum", "s--", 5)):
+        right.plot(epochs, [100 * (1 - r[key]) for r in history], marker, markersize=size, label=label)
     right.set(xlabel="epoch", ylabel="test pairs answered wrong (%, log scale)", yscale="log",
               title="Test error after each epoch")
     right.set_xticks(epochs)
@@ -174,7 +174,7 @@ def plot_confusions(result: h.Evaluation):
         axis.tick_params(labelsize=9 if small else 10)
         axis.set(xlabel=f"predicted {name}", ylabel=f"true {name}",
                  title=f"{name.capitalize()}: {int(matrix.sum() - matrix.trace())} errors")
-    figure.colorbar(image, ax=list(axes), shrink=0.6, label="test pairs (log scale); white: none")
+    figure.colorbar(image, ax=axes[1], shrink=0.6, pad=0.02, label="test pairs (log scale); white: none")
     _finish(figure)
 
 

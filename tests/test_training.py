@@ -286,6 +286,16 @@ def test_evaluate_counts_and_average_loss(trained, test_split):
                                   f"{result.sum_correct}/700 ({result.sum_correct / 7:.2f}%)")
 
 
+def test_evaluate_uses_the_logits_it_is_given(trained, test_split):
+    model, _ = trained
+    split = test_split.first(300)
+    logits = helpers.digit_logits_of(model, split)
+    given, computed = helpers.evaluate(model, split, logits=logits), helpers.evaluate(model, split)
+    assert given.summary() == computed.summary() and torch.equal(given.sum_pred, computed.sum_pred)
+    wrong = logits.roll(1, dims=1)  # every digit moved on by one: the counts must follow the logits given
+    assert helpers.evaluate(model, split, logits=wrong).digit_correct != helpers.evaluate(model, split).digit_correct
+
+
 def test_evaluate_all_numbers_matches_pairwise_and_held_out_parts_add_up(trained, test_split):
     model, _ = trained
     split = test_split.first(300)
