@@ -322,10 +322,8 @@ def draw_numbers(count: int, seed: int) -> torch.Tensor:
 
 
 class DigitPlusNumber(Dataset):
-    """Per-sample view, as in the reference: (image, label, one-hot number, sum).
-
-    The numbers are drawn once, from `seed`, so an index always gives the same pair.
-    """
+    """The assignment's per-sample view: (image, label, one-hot number, sum). Its numbers are drawn
+    once, from `seed`, as the test split's are; training (`load_split`) draws fresh ones each epoch."""
 
     def __init__(self, mnist: Dataset, seed: int = TEST_NUMBERS_SEED):
         self.mnist = mnist
@@ -785,13 +783,8 @@ class Batch:
 
 
 def train_step(model: Net, optimizer: OneCycleAdam, batch: Batch, outlier_weight: float = 0.0):
-    """One optimizer step on a batch, in the optimizer's precision. Returns the two parts of the
-    loss it minimized, [digit, sum], still on the device: reading them would make the CPU wait.
-
-    Only the digit reader runs under autocast (16 bits on most devices); the heads, the losses
-    and the weights stay fp32. The outliers share the reader's pass and its BatchNorm
-    statistics, and their answer is pulled towards no preference; the sum head never sees them.
-    """
+    """One optimizer step; returns the loss's two parts [digit, sum], left on the device so the
+    CPU need not wait. Only the reader runs in 16 bits; outliers ride in its pass, not the sum's."""
     count, images = len(batch.labels), batch.images
     if batch.outliers is not None:
         images = torch.cat([images, batch.outliers])
