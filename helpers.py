@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -1191,3 +1192,7 @@ def line_evidence(held_out) -> dict:
     return {"equations": int(torch.linalg.matrix_rank(system)), "needed": system.shape[1] - 3,
             "unseen_sums": NUM_SUMS - len({digit + number for digit, number in seen})}
 
+
+
+if __name__ == "__main__":  # the command line was here before release 6: say where it went
+    raise SystemExit(" ".join(["error: the command line is cli.py now: python cli.py", *sys.argv[1:]]))

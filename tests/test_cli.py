@@ -24,6 +24,15 @@ def run_cli(*args):
                           text=True, cwd=ROOT, timeout=600, check=False)
 
 
+def test_the_old_command_line_names_the_new_one():
+    """`python helpers.py train`, as the README said before release 6, does nothing but say where
+    the command line went."""
+    done = subprocess.run([sys.executable, str(ROOT / "helpers.py"), "train", "--epochs", "3"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.strip() == "error: the command line is cli.py now: python cli.py train --epochs 3"
+
+
 def test_cli_train_evaluate_predict(tmp_path, data_dir):
     """train, evaluate and predict agree with each other and with the Python functions."""
     model_path = tmp_path / "cli.pt"
